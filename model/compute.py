@@ -1,0 +1,106 @@
+"""Where the work runs: device choice, torchrun's process group, seeds and precision switches.
+
+One setup function and one cleanup, shared by training and evaluation scripts. Under torchrun
+(RANK, LOCAL_RANK and WORLD_SIZE set) it joins the process group: nccl on CUDA, gloo on CPU, so
+multi-process runs, and their tests, work without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Dense bf16 peak FLOP/s by GPU name, for MFU. Unknown GPUs report no MFU rather than a wrong one.
+BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+
+
+@dataclass
+class Compute:
+    device: torch.device
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def master(self) -> bool:
+        """Rank 0 logs, writes checkpoints and prints."""
+        return self.rank == 0
+
+    def print0(self, *args, **kwargs) -> None:
+        if self.master:
+            print(*args, **kwargs, flush=True)
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce a tensor across ranks in place ("sum", "mean" or "max"); a no-op in one process."""
+        if self.ddp:
+            # gloo has no AVG, so mean is a sum divided here
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+            if op == "mean":
+                tensor /= self.world_size
+        return tensor
+
+    def gather(self, obj: object) -> list:
+        """The object of every rank, in rank order (a one-element list in one process)."""
+        if not self.ddp:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.ddp:
+            dist.barrier()
+
+    def autocast(self, dtype: str):
+        """bf16 autocast for the forward pass where asked for; float32 runs as is."""
+        if dtype == "bfloat16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def peak_flops(self) -> float | None:
+        """The GPU's dense bf16 peak, or None where it is not known."""
+        if self.device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(self.device)
+        return next((peak for key, peak in BF16_PEAK_FLOPS.items() if key in name), None)
+
+
+def pick_device(device: str) -> str:
+    """"auto" becomes cuda, then mps, then cpu, whichever is there first."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def setup_compute(device: str = "auto", seed: int = 1337) -> Compute:
+    """Join torchrun's process group if there is one, pick the device, seed torch, enable TF32."""
+    ddp = "RANK" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    dev = torch.device(pick_device(device))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank if ddp else dev.index or 0)
+        torch.cuda.set_device(dev)  # the current device is per process and per thread: set it before any CUDA work
+        # TF32 for float32 matmuls: bf16 autocast is unaffected, the float32 parts get much faster
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if ddp:
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    torch.manual_seed(seed)
+    return Compute(device=dev, ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def cleanup(compute: Compute) -> None:
+    """Leave the process group (torchrun warns about, and sometimes hangs on, groups left open)."""
+    if compute.ddp and dist.is_initialized():
+        dist.destroy_process_group()

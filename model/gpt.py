@@ -1,0 +1,178 @@
+"""GPT-2 in one file: the model that every stage of this repo trains, evaluates and serves.
+
+References:
+1) OpenAI's GPT-2 release (TensorFlow): https://github.com/openai/gpt-2/blob/master/src/model.py
+2) Hugging Face's PyTorch port: transformers/models/gpt2/modeling_gpt2.py
+3) the GPT-2 paper, "Language Models are Unsupervised Multitask Learners" (2019)
+
+Parameter names are GPT-2's own (transformer.wte/wpe/h.N/ln_f, attn.c_attn/c_proj, mlp.c_fc/c_proj,
+lm_head), so model/export_hf.py only has to transpose the four Conv1D weights of each block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Targets equal to this contribute no loss (prompt tokens in fine-tuning, padding). The data code
+# imports it from here; it is also F.cross_entropy's default.
+IGNORE_INDEX = -100
+
+# Devices with a fused AdamW kernel in torch (one kernel for all parameters instead of a loop).
+FUSED_ADAMW_DEVICES = ("cuda", "cpu", "mps")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the position embedding covers
+    vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128: faster matmuls; padded rows are never targets
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # 0 for pretraining as in GPT-2 reproductions; a little helps small fine-tuning sets
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        # flash / memory-efficient kernels where the device has them; the causal mask is implicit
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 was trained with the tanh approximation
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """A Pre-LN transformer block: LayerNorm before each sublayer, residual around it."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying (GPT-2 does it): the output projection is the token embedding
+        self.transformer.wte.weight = self.lm_head.weight
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """GPT-2 initialisation.
+
+        Every Linear and Embedding weight ~ N(0, 0.02), every bias 0, LayerNorm weight 1 and bias 0.
+        The two residual projections of each block (attn.c_proj, mlp.c_proj) use 0.02 / sqrt(2 * n_layer)
+        instead, so the residual stream's variance does not grow with depth (GPT-2 paper, section 2.3).
+        """
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = residual_std if name.endswith("c_proj") else 0.02
+                torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, nn.LayerNorm):
+                torch.nn.init.ones_(module.weight)
+                torch.nn.init.zeros_(module.bias)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab_size) for token ids idx (B, T), and a loss when targets are given.
+
+        reduction: "mean" over the targets that are not IGNORE_INDEX, "sum" of them, or "none" for
+        the per-token loss (B, T) with 0 at ignored positions (HellaSwag scoring, masked fine-tuning).
+        """
+        B, T = idx.size()
+        assert T <= self.config.block_size, f"sequence of {T} tokens is longer than block_size {self.config.block_size}"
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        if targets is None:
+            return logits, None
+        # float32 loss even when the logits are bf16: log-softmax over 50k entries needs the precision
+        loss = F.cross_entropy(
+            logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=IGNORE_INDEX, reduction=reduction
+        )
+        return logits, loss.view(B, T) if reduction == "none" else loss
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; tied wte/lm_head counted once. non_embedding drops both embedding tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Model FLOPs of one training step (forward + backward) per token, as in the PaLM paper's MFU.
+
+        6 per weight that takes part in a matmul (everything but the position table, which is a lookup)
+        plus attention's score and value matmuls, 12 * n_layer * n_embd * seq_len.
+        """
+        n = self.num_params() - self.transformer.wpe.weight.numel()
+        return 6 * n + 12 * self.config.n_layer * self.config.n_embd * seq_len
+
+    def configure_optimizer(
+        self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
+    ) -> torch.optim.AdamW:
+        """AdamW with weight decay on the matrices and embeddings (>= 2-D) only, never on biases or
+        LayerNorm gains; the fused kernel where the device has one."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type in FUSED_ADAMW_DEVICES
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=1e-8, fused=fused)

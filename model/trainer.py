@@ -1,0 +1,337 @@
+"""The training loop, written once, for pretraining (train_gpt2.py) and instruction tuning.
+
+Each optimizer step takes `grad_accum` micro-batches per rank, averages the loss over every target
+token of the global batch (exactly, whatever the ranks and micro-steps, so 2 ranks x 1 micro-step
+equal 1 rank x 2), clips the gradient norm, sets the warmup + cosine learning rate and steps AdamW.
+Around that: validation and evaluation hooks on the uncompiled model, atomic checkpoints, a JSONL
+log, and SIGTERM/SIGINT handling that saves a checkpoint and exits 0, for preemptible nodes.
+
+Resume is exact: a checkpoint holds the weights, the optimizer, the loader's position and every
+rank's RNG states, so a resumed run ends with the same weights as an uninterrupted one.
+
+A script supplies the model, the optimizer, loaders whose next_batch() returns (x, y) with y equal
+to IGNORE_INDEX wherever no loss is wanted, and the number of micro-steps per optimizer step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model.checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    list_checkpoints,
+    model_state,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from model.compute import Compute
+from model.gpt import GPT, IGNORE_INDEX
+
+BETAS = (0.9, 0.95)  # GPT-3's AdamW betas, as in GPT-2 reproductions
+
+
+class Loader(Protocol):
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def reset(self) -> None: ...
+    def num_batches(self) -> int: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+# An evaluation run every `every` steps on the bare model: (every, fn(model) -> metrics to log).
+Evaluation = tuple[int, Callable[[GPT], dict]]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each flag's default and keeps the script docstring's line breaks."""
+
+
+def add_training_args(
+    parser: argparse.ArgumentParser,
+    *,
+    data_dir: str,
+    out_dir: str,
+    max_steps: int,
+    max_lr: float,
+    warmup_steps: int,
+    eval_every: int,
+    val_steps: int,
+    save_every: int,
+) -> None:
+    """The flags every training script shares; the keyword arguments are the script's defaults."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--data_dir", default=data_dir, help="prepared shards (with manifest.json)")
+    g.add_argument("--out_dir", default=out_dir, help="run directory: checkpoints, log.jsonl, args.json")
+    g.add_argument("--resume", default=None, help='"auto" = the newest complete checkpoint in --out_dir, or a checkpoint path')
+    g.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu; or e.g. cuda:1")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="autocast dtype of the forward pass; auto = bfloat16 on CUDA, float32 elsewhere")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training module (evaluation uses the uncompiled one)")
+    g.add_argument("--seed", type=int, default=1337, help="seed for initialisation and data order")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--max_steps", type=int, default=max_steps, help="optimizer steps of the whole run")
+    g.add_argument("--max_lr", type=float, default=max_lr, help="peak learning rate, reached after warmup")
+    g.add_argument("--min_lr_frac", type=float, default=0.1, help="the cosine decays to this fraction of --max_lr")
+    g.add_argument("--warmup_steps", type=int, default=warmup_steps, help="linear warmup steps")
+    g.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay of >= 2-D parameters")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this; 0 = no clipping")
+    g = parser.add_argument_group("evaluation and checkpoints")
+    g.add_argument("--eval_every", type=int, default=eval_every, help="validation loss every N steps; 0 = only at the end")
+    g.add_argument("--val_steps", type=int, default=val_steps, help="micro-batches per rank per validation (N ranks read N times the tokens); -1 = the whole val split")
+    g.add_argument("--save_every", type=int, default=save_every, help="checkpoint every N steps; 0 = only at the end")
+    g.add_argument("--keep_last", type=int, default=3, help="keep the newest N checkpoints; 0 = keep all")
+
+
+def check_training_args(args: argparse.Namespace) -> None:
+    """Refuse flag values the loop cannot honour, with the flag named."""
+    for name in ("max_steps", "max_lr", "warmup_steps", "eval_every", "save_every", "keep_last", "grad_clip"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.val_steps == 0 or args.val_steps < -1:
+        raise ValueError(f"--val_steps must be >= 1 or -1 (the whole split), got {args.val_steps}")
+    if not 0 <= args.min_lr_frac <= 1:
+        raise ValueError(f"--min_lr_frac must be within [0, 1], got {args.min_lr_frac}")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """"auto" is bfloat16 on a CUDA device that has it, float32 elsewhere (bf16 on CPU is slow)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+
+
+def get_lr(step: int, max_steps: int, max_lr: float, warmup_steps: int, min_lr_frac: float) -> float:
+    """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr_frac * max_lr at max_steps."""
+    min_lr = max_lr * min_lr_frac
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def find_resume_checkpoint(resume: str | None, out_dir: str | Path, fresh_hint: str) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run.
+
+    A fresh run into a directory that already holds checkpoints is refused rather than mixing two
+    runs there. fresh_hint tells the user how to start anew when --resume auto finds nothing.
+    """
+    if resume is None:
+        existing = list_checkpoints(out_dir)
+        if existing:
+            raise ValueError(
+                f"{out_dir} already holds {existing[-1].name}: pass --resume auto to continue that run, "
+                "or choose another --out_dir"
+            )
+        return None
+    if resume == "auto":
+        path = latest_checkpoint(out_dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume auto: no checkpoint in {out_dir} to resume: {fresh_hint}")
+        return path
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
+    return path
+
+
+def restore_training_state(ckpt: dict, compute: Compute, optimizer: torch.optim.Optimizer, train_loader: Loader) -> int:
+    """Put the optimizer, loader and RNGs back where a checkpoint left them; return its step."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    train_loader.load_state_dict(ckpt["loader"])
+    if len(ckpt["rng"]) == compute.world_size:
+        set_rng_state(ckpt["rng"][compute.rank])
+    else:
+        compute.print0(
+            f"warning: the checkpoint was written by {len(ckpt['rng'])} ranks and this run has "
+            f"{compute.world_size}: RNG streams restart, so dropout masks will differ from an uninterrupted run"
+        )
+    return ckpt["step"]
+
+
+class StopSignal:
+    """SIGTERM and SIGINT set a flag that the loop reads between steps (a second SIGINT interrupts at once)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self, compute: Compute) -> bool:
+        """True on every rank once any rank got a signal, so all stop at the same step."""
+        flag = torch.tensor(float(self.signum is not None), device=compute.device)
+        return compute.all_reduce(flag, "max").item() > 0
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop what a log holds beyond `step` (training records after it, evaluations at or after it):
+    the resumed run redoes that work and logs it again."""
+    if not path.is_file():
+        return
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in records if r["step"] < step or (r["step"] == step and "train_loss" in r)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def append_log(path: Path, record: dict) -> None:
+    """One JSON object per line: easy to plot, and safe to append to after a resume."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+@torch.inference_mode()
+def evaluate_loss(model: GPT, loader: Loader, steps: int, compute: Compute, dtype: str) -> float:
+    """Mean loss over every target token of `steps` micro-batches per rank (-1 = the whole split)."""
+    model.eval()
+    loader.reset()
+    totals = torch.zeros(2, device=compute.device)  # summed loss, target tokens
+    for _ in range(loader.num_batches() if steps == -1 else steps):
+        x, y = loader.next_batch()
+        x, y = x.to(compute.device), y.to(compute.device)
+        with compute.autocast(dtype):
+            _, loss_sum = model(x, y, reduction="sum")
+        totals += torch.stack([loss_sum.float(), (y != IGNORE_INDEX).sum().float()])
+    compute.all_reduce(totals)
+    model.train()
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def train(
+    args: argparse.Namespace,
+    compute: Compute,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    train_loader: Loader,
+    val_loader: Loader,
+    grad_accum: int,
+    kind: str,
+    resume_ckpt: dict | None = None,
+    evaluations: list[Evaluation] = (),
+) -> None:
+    """Train from step 0, or from resume_ckpt, through args.max_steps; the last pass only evaluates and saves."""
+    out_dir = Path(args.out_dir)
+    dtype = resolve_dtype(args.dtype, compute.device)
+    start_step = restore_training_state(resume_ckpt, compute, optimizer, train_loader) if resume_ckpt else 0
+    train_loss = resume_ckpt["train_loss"] if resume_ckpt else None
+    val_loss = resume_ckpt["val_loss"] if resume_ckpt else None
+    if compute.master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
+    log_path = out_dir / "log.jsonl"
+    if compute.master and resume_ckpt:
+        trim_log(log_path, start_step)
+
+    # compile and wrap only the module that trains; evaluation and checkpoints use the bare `model`
+    train_module = torch.compile(model) if args.compile else model
+    if compute.ddp:
+        train_module = DDP(train_module, device_ids=[compute.local_rank] if compute.device.type == "cuda" else None)
+    peak_flops = compute.peak_flops()
+
+    def save(step: int) -> Path:
+        rngs = compute.gather(rng_state())  # every rank's RNG, for an exact resume
+        path = checkpoint_path(out_dir, step)
+        if compute.master:
+            state = model_state(model) | {
+                "kind": kind, "step": step, "train_loss": train_loss, "val_loss": val_loss, "args": vars(args),
+                "optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(), "rng": rngs,
+            }
+            save_checkpoint(state, path)
+            prune_checkpoints(out_dir, args.keep_last)
+        compute.barrier()
+        return path
+
+    compute.print0(
+        f"{kind}: {model.num_params():,} parameters | {compute.world_size} rank(s) x {grad_accum} micro-step(s) | "
+        f"device {compute.device} | {dtype} | steps {start_step} -> {args.max_steps}"
+    )
+    stop = StopSignal()
+    try:
+        # through max_steps inclusive: the last pass only evaluates and saves
+        for step in range(start_step, args.max_steps + 1):
+            last = step == args.max_steps
+            if stop.requested(compute):
+                path = save(step)
+                compute.print0(f"stopped by signal {stop.signum} after step {step}: saved {path}; rerun with --resume auto")
+                return
+            # evaluations never touch the training RNG streams, so turning them on changes no weights
+            with torch.random.fork_rng(devices=[compute.device] if compute.device.type == "cuda" else []):
+                if last or (args.eval_every > 0 and step % args.eval_every == 0):
+                    val_loss = evaluate_loss(model, val_loader, args.val_steps, compute, dtype)
+                    compute.print0(f"step {step:6d} | val loss {val_loss:.4f}")
+                    if compute.master:
+                        append_log(log_path, {"step": step, "val_loss": val_loss})
+                for every, evaluate in evaluations:
+                    if last or (every > 0 and step % every == 0):
+                        metrics = evaluate(model)
+                        compute.print0(f"step {step:6d} | " + " | ".join(f"{k} {v}" for k, v in metrics.items()))
+                        if compute.master:
+                            append_log(log_path, {"step": step, **metrics})
+            if step > start_step and (last or (args.save_every > 0 and step % args.save_every == 0)):
+                save(step)
+            if last:
+                break
+
+            t0 = time.time()
+            model.train()
+            batches = [train_loader.next_batch() for _ in range(grad_accum)]
+            n_targets = torch.tensor(
+                float(sum((y != IGNORE_INDEX).sum().item() for _, y in batches)), device=compute.device
+            )
+            compute.all_reduce(n_targets)
+            # DDP averages gradients over ranks, so each rank divides by its share of the global count:
+            # the result is the mean over every target token of the global batch
+            norm = (n_targets / compute.world_size).clamp(min=1)
+            loss_sum_all = torch.zeros((), device=compute.device)
+            for micro, (x, y) in enumerate(batches):
+                x, y = x.to(compute.device, non_blocking=True), y.to(compute.device, non_blocking=True)
+                if compute.ddp:
+                    # only the last micro-step all-reduces gradients; the others accumulate locally
+                    train_module.require_backward_grad_sync = micro == grad_accum - 1
+                with compute.autocast(dtype):
+                    _, loss_sum = train_module(x, y, reduction="sum")
+                loss = loss_sum / norm
+                loss.backward()
+                loss_sum_all += loss.detach()
+            compute.all_reduce(loss_sum_all, "mean")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+            lr = get_lr(step, args.max_steps, args.max_lr, args.warmup_steps, args.min_lr_frac)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            train_loss = loss_sum_all.item()  # a sync point: the step's time below is real
+            dt = time.time() - t0
+            tokens = int(n_targets.item())
+            record = {"step": step + 1, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                      "dt_ms": 1000 * dt, "tokens_per_s": tokens / dt}
+            line = (f"step {step + 1:6d}/{args.max_steps} | loss {train_loss:.6f} | lr {lr:.4e} | "
+                    f"norm {record['grad_norm']:.4f} | {record['dt_ms']:.0f} ms | {record['tokens_per_s']:,.0f} tok/s")
+            if peak_flops:
+                record["mfu"] = model.flops_per_token(x.size(1)) * tokens / dt / (peak_flops * compute.world_size)
+                line += f" | mfu {100 * record['mfu']:.1f}%"
+            compute.print0(line)
+            if compute.master:
+                append_log(log_path, record)
+    finally:
+        stop.restore()

@@ -1,0 +1,51 @@
+"""Shared fixtures: the repo root on sys.path, where the real data samples live, and tiny shards."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"  # real samples beside the checkout; absent on a user's laptop
+# tests import the project as `from model.gpt import GPT`, also when pytest is run without `python -m`
+sys.path.insert(0, str(REPO_ROOT))
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real data samples folder; tests that need it skip where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent (real data samples are only beside the project's own checkouts)")
+    return SHARED_DATA
+
+
+def make_shards(out_dir: Path, tokens, shard_size: int) -> Path:
+    """Write tokens as val/train shards with a manifest, as data_prep/fineweb.py would (shard 0 is val)."""
+    import numpy as np
+
+    from model.data import SHARD_FORMAT, shard_name, write_manifest, write_shard
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokens = np.asarray(tokens, dtype=np.uint16)
+    shards = []
+    for index, start in enumerate(range(0, len(tokens), shard_size)):
+        split = "val" if index == 0 else "train"
+        shards.append(write_shard(out_dir, shard_name(split, index), tokens[start : start + shard_size]) | {"split": split})
+    write_manifest(out_dir, {"format": SHARD_FORMAT, "producer": "data_prep/fineweb.py", "shards": shards})
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory) -> Path:
+    """Shards of a small learnable token stream: random walks over a 500-token vocabulary."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    steps = rng.choice([1, 2, 3], size=60_000)
+    tokens = (np.cumsum(steps) % 500) + 100
+    return make_shards(tmp_path_factory.mktemp("synthetic"), tokens, shard_size=20_000)

@@ -1,0 +1,90 @@
+"""The GPT module: shapes, loss reductions, causality, GPT-2 initialisation, optimizer groups."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.gpt import GPT, IGNORE_INDEX, GPTConfig
+
+SMALL = GPTConfig(block_size=16, vocab_size=96, n_layer=2, n_head=2, n_embd=32)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return GPT(SMALL).eval()
+
+
+def test_forward_returns_full_logits_and_no_loss_without_targets(model):
+    idx = torch.randint(0, 96, (3, 16))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 16, 96) and loss is None
+
+
+def test_loss_reductions_equal_cross_entropy_with_ignored_targets(model):
+    idx = torch.randint(0, 96, (3, 16))
+    targets = torch.randint(0, 96, (3, 16))
+    targets[0, :5] = IGNORE_INDEX
+    logits, mean = model(idx, targets)
+    reference = F.cross_entropy(logits.view(-1, 96), targets.view(-1), ignore_index=-100, reduction="none").view(3, 16)
+    kept = targets != IGNORE_INDEX
+    _, per_token = model(idx, targets, reduction="none")
+    _, total = model(idx, targets, reduction="sum")
+    torch.testing.assert_close(per_token, reference)
+    assert (per_token[~kept] == 0).all()
+    torch.testing.assert_close(total, reference[kept].sum())
+    torch.testing.assert_close(mean, reference[kept].mean())
+
+
+def test_attention_is_causal(model):
+    idx = torch.randint(0, 96, (1, 16))
+    changed = idx.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 96
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_embedding_and_output_projection_are_tied(model):
+    assert model.transformer.wte.weight is model.lm_head.weight
+    assert model.num_params() == sum(p.numel() for p in set(model.parameters()))
+
+
+def test_gpt2_initialisation():
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=64, vocab_size=512, n_layer=4, n_head=4, n_embd=256)
+    model = GPT(config)
+    # >= 65k samples per tensor: the sample std is within 1% of the true one with overwhelming odds
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            assert p.std().item() == pytest.approx(0.02 / math.sqrt(2 * config.n_layer), rel=0.02), name
+        elif name.endswith(("c_attn.weight", "c_fc.weight", "wte.weight", "wpe.weight")):
+            assert p.std().item() == pytest.approx(0.02, rel=0.02), name
+        elif name.endswith("bias"):
+            assert (p == 0).all(), name
+        else:
+            assert "ln_" in name and (p == 1).all(), name  # LayerNorm gains
+
+
+def test_optimizer_decays_only_matrices_and_embeddings(model):
+    opt = model.configure_optimizer(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), device_type="cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
+    assert opt.defaults["fused"] is True  # torch has a fused AdamW for CPU
+
+
+def test_flops_per_token_at_gpt2_124m_shape():
+    model = GPT(GPTConfig())
+    assert model.num_params() == 124_475_904  # 124M with the vocab padded to 50304
+    expected = 6 * (model.num_params() - 1024 * 768) + 12 * 12 * 768 * 1024
+    assert model.flops_per_token(1024) == expected
+
+
+def test_sequence_longer_than_block_size_is_refused(model):
+    with pytest.raises(AssertionError, match="longer than block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))

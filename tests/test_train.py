@@ -1,0 +1,234 @@
+"""Pretraining: exact resume (SIGTERM and kill -9), DDP equivalence, convergence, and bad input.
+
+The runs are real `python model/train_gpt2.py` processes on a tiny model, so the flags, signals,
+checkpoints and exit codes are the ones a user gets.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO_ROOT, make_shards
+from model.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from model.tokenizer import EOT, encode
+from model.trainer import get_lr
+
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--seq_len", "32", "--batch_size", "4",
+        "--max_lr", "1e-2", "--warmup_steps", "3", "--val_steps", "2", "--keep_last", "0", "--device", "cpu"]
+# one thread: identical float reductions in every run, and no oversubscription of 2 cores by 2 ranks
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def train_cmd(data_dir, out_dir, *extra, nproc=1):
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return launcher + ["model/train_gpt2.py", "--data_dir", str(data_dir), "--out_dir", str(out_dir), *TINY, *extra]
+
+
+def run_train(data_dir, out_dir, *extra, nproc=1, check=True):
+    proc = subprocess.run(train_cmd(data_dir, out_dir, *extra, nproc=nproc), cwd=REPO_ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def final_weights(out_dir, step):
+    ckpt = load_checkpoint(Path(out_dir) / f"step_{step:06d}.pt")
+    assert ckpt["step"] == step
+    return ckpt["model"]
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def log_records(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def wait_for(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, "training ended before the test could interrupt it"
+        assert time.time() < deadline, "timed out waiting for training progress"
+        time.sleep(0.05)
+
+
+STEPS = ["--max_steps", "16", "--total_batch_size", "256", "--eval_every", "5", "--save_every", "4"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(synthetic_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_train(synthetic_shards, out, *STEPS)
+    return out
+
+
+def test_checkpoint_is_plain_data_with_bare_names(uninterrupted):
+    ckpt = torch.load(uninterrupted / "step_000016.pt", weights_only=True)  # the whole file, not just weights
+    assert ckpt["kind"] == "pretrain" and ckpt["step"] == 16
+    assert ckpt["config"] == {"block_size": 32, "vocab_size": 50304, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0}
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    assert {"optimizer", "loader", "rng", "args", "train_loss", "val_loss"} <= ckpt.keys()
+    assert set(ckpt["rng"][0]) == {"torch", "cuda", "numpy", "python"}
+    assert (uninterrupted / "args.json").is_file()
+
+
+def test_sigterm_then_resume_is_bitwise_exact(synthetic_shards, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(synthetic_shards, out, *STEPS), cwd=REPO_ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: (out / "log.jsonl").is_file() and any(r["step"] >= 6 for r in log_records(out)), proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "stopped by signal" in output
+    stopped_at = load_checkpoint(latest_checkpoint(out))["step"]
+    assert 6 <= stopped_at < 16
+    run_train(synthetic_shards, out, *STEPS, "--resume", "auto")
+    assert_bitwise_equal(final_weights(out, 16), final_weights(uninterrupted, 16))
+    # the log reads as one run: each training step once
+    steps = [r["step"] for r in log_records(out) if "train_loss" in r]
+    assert steps == list(range(1, 17))
+
+
+def test_kill9_after_checkpoint_then_resume_is_bitwise_exact(synthetic_shards, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(synthetic_shards, out, *STEPS), cwd=REPO_ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: (out / "step_000008.pt").exists() and any(r["step"] >= 10 for r in log_records(out)), proc)
+    proc.kill()
+    proc.wait()
+    run_train(synthetic_shards, out, *STEPS, "--resume", "auto")
+    assert_bitwise_equal(final_weights(out, 16), final_weights(uninterrupted, 16))
+    train_losses = {r["step"]: r["train_loss"] for r in log_records(uninterrupted) if "train_loss" in r}
+    assert {r["step"]: r["train_loss"] for r in log_records(out) if "train_loss" in r} == train_losses
+
+
+def test_half_written_checkpoint_is_never_picked(synthetic_shards, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    for p in out.glob("step_0000[01][26].pt"):  # keep 4 and 8 whole
+        p.unlink()
+    good = (out / "step_000008.pt").read_bytes()
+    (out / "step_000012.pt").write_bytes(good[: len(good) // 2])  # a crash mid-write, under the final name
+    (out / ".step_000016.pt.tmp123").write_bytes(good[:100])  # the temp file of an interrupted save
+    assert latest_checkpoint(out) == out / "step_000008.pt"
+    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_records(uninterrupted) if r["step"] <= 8))
+    run_train(synthetic_shards, out, *STEPS, "--resume", "auto")
+    assert_bitwise_equal(final_weights(out, 16), final_weights(uninterrupted, 16))
+
+
+def test_save_interrupted_mid_write_leaves_no_checkpoint(tmp_path, monkeypatch):
+    def dying_save(obj, f):
+        f.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt  # as if killed halfway through writing
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"model": {}, "config": {}, "step": 3}, tmp_path / "step_000003.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ddp_two_ranks_equal_one_rank_with_accumulation(synthetic_shards, tmp_path):
+    common = ["--max_steps", "6", "--total_batch_size", "256", "--eval_every", "3", "--save_every", "0"]
+    # --val_steps counts micro-batches per rank: 4 on one rank read the same tokens as 2 on each of two
+    run_train(synthetic_shards, tmp_path / "one", *common, "--val_steps", "4")  # 1 rank x 2 micro-steps of 4x32
+    run_train(synthetic_shards, tmp_path / "two", *common, "--val_steps", "2", nproc=2)  # 2 ranks x 1 micro-step
+    one, two = log_records(tmp_path / "one"), log_records(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):
+        for key in ("train_loss", "val_loss"):
+            if key in a:
+                assert abs(a[key] - b[key]) < 1e-5, (a, b)
+    wa, wb = final_weights(tmp_path / "one", 6), final_weights(tmp_path / "two", 6)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+
+
+def test_bf16_autocast_trains_on_cpu(synthetic_shards, tmp_path):
+    run_train(synthetic_shards, tmp_path, "--max_steps", "3", "--total_batch_size", "128", "--dtype", "bfloat16")
+    ckpt = load_checkpoint(tmp_path / "step_000003.pt")
+    assert ckpt["model"]["lm_head.weight"].dtype == torch.float32  # autocast keeps fp32 master weights
+    assert np.isfinite(ckpt["train_loss"])
+
+
+def test_loss_falls_below_unigram_entropy_on_tinyshakespeare(shared_data, tmp_path):
+    tokens = np.array([EOT] + encode((shared_data / "tinyshakespeare.txt").read_text()), dtype=np.uint16)
+    counts = np.bincount(tokens).astype(np.float64)
+    p = counts[counts > 0] / len(tokens)
+    unigram_entropy = float(-(p * np.log(p)).sum())  # ~6.3 nats: what a model without context can reach
+    data = make_shards(tmp_path / "data", tokens, shard_size=100_000)
+    proc = subprocess.run(
+        [sys.executable, "model/train_gpt2.py", "--data_dir", str(data), "--out_dir", str(tmp_path / "run"),
+         "--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--seq_len", "64", "--batch_size", "8",
+         "--total_batch_size", "512", "--max_steps", "200", "--warmup_steps", "20", "--max_lr", "3e-3",
+         "--eval_every", "0", "--val_steps", "4", "--save_every", "0", "--device", "cpu"],
+        cwd=REPO_ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    losses = [r["train_loss"] for r in log_records(tmp_path / "run") if "train_loss" in r]
+    assert len(losses) == 200
+    # the mean of the last 10 steps, so one lucky batch cannot pass it
+    assert np.mean(losses[-10:]) < unigram_entropy, (np.mean(losses[-10:]), unigram_entropy)
+    assert losses[0] > 10.0  # started from chance (ln 50304 = 10.8)
+
+
+def test_lr_schedule_warms_up_then_decays_to_ten_percent():
+    lrs = [get_lr(s, max_steps=100, max_lr=1.0, warmup_steps=10, min_lr_frac=0.1) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[55] == pytest.approx(0.55)  # the cosine's midpoint
+    assert lrs[100] == pytest.approx(0.1)
+
+
+def bad_run(args, tmp_path):
+    proc = subprocess.run([sys.executable, "model/train_gpt2.py", *TINY, "--out_dir", str(tmp_path / "out"), *args],
+                          cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    return proc.stderr
+
+
+def test_no_shards_says_to_run_data_prep(tmp_path):
+    (tmp_path / "empty").mkdir()
+    err = bad_run(["--data_dir", str(tmp_path / "empty")], tmp_path)
+    assert "run data_prep/fineweb.py first" in err
+
+
+def test_truncated_shard_is_refused(synthetic_shards, tmp_path):
+    data = shutil.copytree(synthetic_shards, tmp_path / "data")
+    shard = data / "train_000001.npy"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    err = bad_run(["--data_dir", str(data), "--total_batch_size", "128"], tmp_path)
+    assert "train_000001.npy" in err and "data_prep/fineweb.py" in err
+
+
+def test_resume_auto_with_nothing_to_resume(synthetic_shards, tmp_path):
+    err = bad_run(["--data_dir", str(synthetic_shards), "--total_batch_size", "128", "--resume", "auto"], tmp_path)
+    assert "no checkpoint" in err and "run without --resume" in err
+
+
+def test_batch_that_does_not_divide(synthetic_shards, tmp_path):
+    err = bad_run(["--data_dir", str(synthetic_shards), "--total_batch_size", "200"], tmp_path)
+    assert "--total_batch_size 200 must be a multiple of" in err and "128" in err
+
+
+def test_fresh_run_into_a_used_directory_is_refused(synthetic_shards, uninterrupted, tmp_path):
+    out = shutil.copytree(uninterrupted, tmp_path / "out")
+    before = sorted(p.name for p in out.iterdir())
+    err = bad_run(["--data_dir", str(synthetic_shards), "--total_batch_size", "128"], tmp_path)
+    assert "--resume auto" in err
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing overwritten

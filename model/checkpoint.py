@@ -20,7 +20,6 @@ a temporary file that is fsynced and then renamed, so a reader never sees a half
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import re
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.atomic import atomic_write
 from model.gpt import GPT, GPTConfig
 
 _CKPT_NAME = re.compile(r"^step_(\d{6,})\.pt$")
@@ -42,24 +42,8 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write state to path atomically: temp file in the same directory, fsync, rename, fsync dir."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    # the rename itself must reach the disk, or a crash can bring back the old directory listing
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write state to path atomically (model/atomic.py): readers never see half a checkpoint."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

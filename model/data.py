@@ -1,99 +1,13 @@
-"""Token shards on disk and the loader that feeds them to training.
-
-A prepared data directory holds 1-D uint16 `.npy` shards named `{split}_{NNNNNN}.npy` and a
-`manifest.json` that records, for each shard, its split, token count and sha256. The data-prep
-scripts write shards atomically and add a shard to the manifest only once it is complete, so a
-shard that is not in the manifest, or does not match it, is never trained on.
-"""
+"""Loaders that feed prepared shards (model/shards.py) to training, batch by batch, resumably."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-MANIFEST = "manifest.json"
-SHARD_FORMAT = "nanogpt-token-shards/1"
-
-
-class DataError(ValueError):
-    """Prepared data is missing or does not match its manifest; the message says what to run."""
-
-
-def shard_name(split: str, index: int) -> str:
-    """File name of shard `index` (0-based) of `split`."""
-    return f"{split}_{index:06d}.npy"
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_shard(out_dir: str | Path, name: str, array: np.ndarray) -> dict:
-    """Write a 1-D array as out_dir/name atomically; return its manifest entry (file, tokens, sha256)."""
-    path = Path(out_dir) / name
-    _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
-    return {"file": name, "tokens": int(len(array)), "sha256": sha256_file(path)}
-
-
-def write_manifest(data_dir: str | Path, manifest: dict) -> None:
-    """Write manifest.json atomically (a crash leaves the old one or the new one, never half)."""
-    text = json.dumps(manifest, indent=1)
-    _atomic_write(Path(data_dir) / MANIFEST, lambda f: f.write(text.encode()))
-
-
-def read_manifest(data_dir: str | Path, producer: str) -> dict | None:
-    """The manifest of a data directory, or None if there is none.
-
-    producer is the script that makes such directories, named in the error for a damaged manifest.
-    """
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is damaged ({e}): delete {data_dir} and rerun {producer}") from None
-    if manifest.get("format") != SHARD_FORMAT:
-        raise DataError(f"{path} is not a {SHARD_FORMAT} manifest: rerun {producer} into a new directory")
-    return manifest
-
-
-def load_shard(data_dir: str | Path, entry: dict, producer: str) -> np.ndarray:
-    """Read one shard and check it against its manifest entry (token count and sha256)."""
-    path = Path(data_dir) / entry["file"]
-    rerun = f"delete it and rerun {producer} (finished shards are kept)"
-    if not path.is_file():
-        raise DataError(f"{path} is listed in the manifest but missing: {rerun}")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except ValueError as e:  # numpy's error for a truncated or garbled file
-        raise DataError(f"{path} cannot be read ({e}): {rerun}") from None
-    if array.ndim != 1 or len(array) != entry["tokens"]:
-        raise DataError(f"{path} holds {array.size} values, the manifest says {entry['tokens']}: {rerun}")
-    if sha256_file(path) != entry["sha256"]:
-        raise DataError(f"{path} does not match the sha256 in its manifest: {rerun}")
-    return array
+from model.shards import MANIFEST, DataError, load_shard, read_manifest
 
 
 class TokenShardLoader:

@@ -26,6 +26,7 @@ from typing import Callable, Protocol
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from model.atomic import remove_stale_temp_files
 from model.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
@@ -239,8 +240,10 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
     log_path = out_dir / "log.jsonl"
-    if compute.master and resume_ckpt:
-        trim_log(log_path, start_step)
+    if compute.master:
+        remove_stale_temp_files(out_dir)  # what a save killed midway left
+        if resume_ckpt:
+            trim_log(log_path, start_step)
 
     # compile and wrap only the module that trains; evaluation and checkpoints use the bare `model`
     train_module = torch.compile(model) if args.compile else model

@@ -28,7 +28,7 @@ def make_shards(out_dir: Path, tokens, shard_size: int) -> Path:
     """Write tokens as val/train shards with a manifest, as data_prep/fineweb.py would (shard 0 is val)."""
     import numpy as np
 
-    from model.data import SHARD_FORMAT, shard_name, write_manifest, write_shard
+    from model.shards import SHARD_FORMAT, shard_name, write_manifest, write_shard
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tokens = np.asarray(tokens, dtype=np.uint16)

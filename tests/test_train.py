@@ -130,6 +130,7 @@ def test_half_written_checkpoint_is_never_picked(synthetic_shards, uninterrupted
     (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_records(uninterrupted) if r["step"] <= 8))
     run_train(synthetic_shards, out, *STEPS, "--resume", "auto")
     assert_bitwise_equal(final_weights(out, 16), final_weights(uninterrupted, 16))
+    assert not (out / ".step_000016.pt.tmp123").exists()  # the dead save's leftovers are cleaned up
 
 
 def test_save_interrupted_mid_write_leaves_no_checkpoint(tmp_path, monkeypatch):

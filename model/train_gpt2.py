@@ -10,7 +10,7 @@ After an interruption (SIGTERM/SIGINT save a checkpoint; a kill loses only the s
 A tiny model on a 2-core CPU, on any local text (loss falls within minutes):
     python data_prep/fineweb.py --input ../shared/data/tinyshakespeare.txt --out_dir data/shakespeare --shard_size 100000
     python model/train_gpt2.py --data_dir data/shakespeare --out_dir checkpoints/shakespeare \\
-        --n_layer 4 --n_head 4 --n_embd 128 --seq_len 128 --batch_size 8 --total_batch_size 4096 \\
+        --n_layer 4 --n_head 4 --n_embd 128 --seq_len 64 --batch_size 8 --total_batch_size 512 \\
         --max_steps 200 --warmup_steps 20 --max_lr 3e-3 --eval_every 50 --val_steps 8 --save_every 100
 
 Continue pretraining OpenAI's GPT-2 instead of random weights: --init_from gpt2 (or a local HF directory).

@@ -80,7 +80,7 @@ def add_training_args(
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="autocast dtype of the forward pass; auto = bfloat16 on CUDA, float32 elsewhere")
     g.add_argument("--compile", action="store_true", help="torch.compile the training module (evaluation uses the uncompiled one)")
-    g.add_argument("--seed", type=int, default=1337, help="seed for initialisation and data order")
+    g.add_argument("--seed", type=int, default=1337, help="seed of the initialisation and of dropout (rank r uses seed + r)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--max_steps", type=int, default=max_steps, help="optimizer steps of the whole run")
     g.add_argument("--max_lr", type=float, default=max_lr, help="peak learning rate, reached after warmup")

@@ -1,0 +1,156 @@
+"""Training throughput of our GPT against transformers' GPT2LMHeadModel, same shapes, same batches.
+
+Claim under test: one full training step (forward + loss + backward + AdamW step) of our GPT processes
+at least 1.25x the tokens per second of HF's GPT-2 on a 2-core CPU, at a small shape and at GPT-2 124M.
+
+    python bench/train_throughput.py                       # both shapes, B=8, T=256, our model compiled
+    python bench/train_throughput.py --no_compile          # our model eager, to separate compile's share
+    python bench/train_throughput.py --shapes small --steps 20 --threads 2
+
+What is timed, per step and per model, with time.perf_counter around the whole step:
+  ours  GPT (vocab padded to 50304) under torch.compile (unless --no_compile), loss from targets = the
+        inputs shifted by one, optimizer from GPT.configure_optimizer (fused AdamW on CPU)
+  HF    GPT2LMHeadModel (vocab 50257), attn_implementation="sdpa", all dropouts 0, labels = input ids
+        (HF shifts them inside), use_cache=False as for any training, torch.optim.AdamW with its
+        defaults (on CPU those resolve to the per-parameter loop: foreach and fused are CUDA defaults)
+Both see the same random token batches (seeded), B x T tokens per step. Steps alternate ours, HF, ours,
+HF, ... in one process, after --warmup untimed steps each (compilation happens there), so drift in
+clock speed or machine load hits both alike. tokens/s = B * T / median step time. On a shared VM the
+absolute step times drift by tens of percent from run to run; the ratio is the figure to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make the repo root importable
+
+import torch
+import transformers
+
+from model.gpt import GPT, GPTConfig
+from model.tokenizer import VOCAB_SIZE
+
+# name -> (n_layer, n_embd, n_head)
+SHAPES = {"small": (6, 384, 6), "124M": (12, 768, 12)}
+HF_LABEL = "HF GPT2LMHeadModel"
+
+
+def our_step(config: GPTConfig, compile_model: bool) -> Callable[[torch.Tensor], None]:
+    """A function that runs one training step of a fresh GPT on a (B, T + 1) batch of token ids."""
+    model = GPT(config).train()
+    optimizer = model.configure_optimizer(weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95), device_type="cpu")
+    forward = torch.compile(model) if compile_model else model
+
+    def step(batch: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        _, loss = forward(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def hf_step(config: GPTConfig) -> Callable[[torch.Tensor], None]:
+    """A function that runs one training step of a fresh transformers GPT-2 of the same shape on a
+    (B, T + 1) batch of token ids."""
+    hf_config = transformers.GPT2Config(
+        vocab_size=VOCAB_SIZE,
+        n_positions=config.block_size,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation="sdpa",
+    )
+    model = transformers.GPT2LMHeadModel(hf_config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4)
+
+    def step(batch: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        inputs = batch[:, :-1]  # the same T tokens our model reads; HF shifts the labels itself
+        loss = model(input_ids=inputs, labels=inputs, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def measure(
+    steps: dict[str, Callable[[torch.Tensor], None]], batches: list[torch.Tensor], warmup: int
+) -> dict[str, list[float]]:
+    """Seconds per step of each model, run round-robin over the same batches after warmup steps each."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i, batch in enumerate(batches):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step(batch)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Tokens/s of a training step: our GPT vs transformers' GPT-2.")
+    # what to measure
+    parser.add_argument(
+        "--shapes", default="small,124M", help=f"comma-separated names; (n_layer, n_embd, n_head): {SHAPES}"
+    )
+    parser.add_argument("--batch_size", type=int, default=8, help="sequences per step (B)")
+    parser.add_argument("--seq_len", type=int, default=256, help="tokens per sequence (T)")
+    parser.add_argument(
+        "--no_compile", action="store_true", help="run our model eagerly instead of under torch.compile"
+    )
+    # how long
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per model and shape")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps per model first (compilation happens there)"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = torch's default")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of weights and batches")
+    args = parser.parse_args()
+    shapes = args.shapes.split(",")
+    if unknown := [s for s in shapes if s not in SHAPES]:
+        parser.error(f"unknown shape(s) {unknown}: choose from {', '.join(SHAPES)}")
+    if args.steps < 1 or args.warmup < (0 if args.no_compile else 1):
+        parser.error("--steps must be >= 1, and --warmup >= 1 unless --no_compile (the first compiled step compiles)")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    B, T = args.batch_size, args.seq_len
+    ours_label = "ours (eager)" if args.no_compile else "ours (torch.compile)"
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+        f"B={B} T={T}, {args.warmup} warm-up + {args.steps} timed steps per model"
+    )
+    rows = []
+    for shape in shapes:
+        n_layer, n_embd, n_head = SHAPES[shape]
+        config = GPTConfig(block_size=T, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+        torch.manual_seed(args.seed)
+        steps = {ours_label: our_step(config, compile_model=not args.no_compile), HF_LABEL: hf_step(config)}
+        gen = torch.Generator().manual_seed(args.seed)
+        batches = [torch.randint(0, VOCAB_SIZE, (B, T + 1), generator=gen) for _ in range(args.warmup + args.steps)]
+        times = measure(steps, batches, args.warmup)
+        tokens_per_s = {name: B * T / statistics.median(t) for name, t in times.items()}
+        for name, t in times.items():
+            rows.append((shape, name, 1e3 * statistics.median(t), 1e3 * min(t), 1e3 * max(t), tokens_per_s[name]))
+        rows.append((shape, "ratio ours/HF", None, None, None, tokens_per_s[ours_label] / tokens_per_s[HF_LABEL]))
+
+    print(f"\n{'shape':<6} {'model':<22} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'tokens/s':>10}")
+    for shape, name, med, lo, hi, value in rows:
+        if med is None:
+            print(f"{shape:<6} {name:<22} {'':>10} {'':>9} {'':>9} {value:>9.2f}x")
+        else:
+            print(f"{shape:<6} {name:<22} {med:>10.0f} {lo:>9.0f} {hi:>9.0f} {value:>10.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -236,11 +236,10 @@ def train(
     start_step = restore_training_state(resume_ckpt, compute, optimizer, train_loader) if resume_ckpt else 0
     train_loss = resume_ckpt["train_loss"] if resume_ckpt else None
     val_loss = resume_ckpt["val_loss"] if resume_ckpt else None
+    log_path = out_dir / "log.jsonl"
     if compute.master:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
-    log_path = out_dir / "log.jsonl"
-    if compute.master:
         remove_stale_temp_files(out_dir)  # what a save killed midway left
         if resume_ckpt:
             trim_log(log_path, start_step)

@@ -5,7 +5,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -141,10 +140,8 @@ def test_hub_fetch_offline_says_to_pass_a_local_directory(tmp_path, monkeypatch)
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
-    start = time.monotonic()
     with pytest.raises(OSError, match="could not fetch.*openai-community/gpt2.*Pass a local directory in HF format"):
         load_hf_model("gpt2")
-    assert time.monotonic() - start < 5
 
 
 def test_cli_exports_a_checkpoint_that_transformers_loads(tmp_path, caplog):

@@ -300,13 +300,15 @@ def train(
             n_targets = torch.tensor(
                 float(sum((y != IGNORE_INDEX).sum().item() for _, y in batches)), device=compute.device
             )
+            # copy every micro-batch now, while the GPU is idle: a copy from pageable host memory waits for
+            # the queued kernels, so copying between micro-steps would leave the GPU idle at each one
+            batches = [(x.to(compute.device), y.to(compute.device)) for x, y in batches]
             compute.all_reduce(n_targets)
             # DDP averages gradients over ranks, so each rank divides by its share of the global count:
             # the result is the mean over every target token of the global batch
             norm = (n_targets / compute.world_size).clamp(min=1)
             loss_sum_all = torch.zeros((), device=compute.device)
             for micro, (x, y) in enumerate(batches):
-                x, y = x.to(compute.device, non_blocking=True), y.to(compute.device, non_blocking=True)
                 if compute.ddp:
                     # only the last micro-step all-reduces gradients; the others accumulate locally
                     train_module.require_backward_grad_sync = micro == grad_accum - 1

@@ -1,4 +1,5 @@
-"""Loaders that feed prepared shards (model/shards.py) to training, batch by batch, resumably."""
+"""Loaders that feed prepared shards (model/shards.py) to training, batch by batch, resumably:
+contiguous token windows for pretraining, whole masked examples for instruction tuning."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.gpt import IGNORE_INDEX
 from model.shards import MANIFEST, DataError, load_shard, read_manifest
+from model.tokenizer import EOT
+
+# what makes instruction data, named in the errors that tell a user to make some
+INSTRUCTION_PRODUCERS = "data_prep/prepare_dolly.py (or prepare_custom_dataset.py)"
 
 
 class TokenShardLoader:
@@ -34,6 +40,11 @@ class TokenShardLoader:
         manifest = read_manifest(data_dir, producer)
         if manifest is None:
             raise DataError(f"no prepared data in {data_dir} (no {MANIFEST}): run {producer} first")
+        if manifest.get("kind") == "instructions":
+            raise DataError(
+                f"{data_dir} holds instruction data from {manifest['producer']}: fine-tune on it with "
+                f"model/finetune_dolly.py; pretraining reads shards from {producer}"
+            )
         entries = [e for e in manifest["shards"] if e["split"] == split]
         if not entries:
             raise DataError(f"no {split} shards in {data_dir}: run {producer} first (it may still be running)")
@@ -81,3 +92,140 @@ class TokenShardLoader:
         if state["shard"] != self.shard:
             self._tokens = self._load(state["shard"])
         self.shard, self.pos, self.epoch = state["shard"], state["pos"], state["epoch"]
+
+
+class InstructionLoader:
+    """Batches (x, y) of whole instruction examples from shards made by data_prep/instruction_shards.py.
+
+    Each example (prompt, response, <|endoftext|>) is one row: x its tokens but the last, y its tokens
+    but the first where the loss mask is 1 (response and closing token) and IGNORE_INDEX elsewhere.
+    Rows are padded to the longest row of the micro-batch; padding is ignored too, so the loss is
+    over response tokens only.
+
+    Order: the global micro-batch is batch_size * world_size examples and rank r takes rows
+    [r*B, (r+1)*B) of it. With shuffle (training), every epoch draws a permutation seeded by
+    (seed, epoch); with bucket, each window of BUCKET_WINDOW global batches of that permutation is
+    sorted by length before it is cut into batches, and the batches are shuffled, so a batch holds
+    examples of similar length (less padding) while the order stays random. A final partial global
+    batch is left out of the epoch (a different remainder each epoch). Without shuffle (validation)
+    the examples go shortest first and the last batch is filled up with empty rows, so one pass
+    reads every example exactly once. The position is (epoch, batch) and the same on every rank.
+    """
+
+    BUCKET_WINDOW = 32
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        shuffle: bool = True,
+        bucket: bool = True,
+        seed: int = 0,
+        block_size: int | None = None,
+    ):
+        self.B, self.rank, self.world_size = batch_size, rank, world_size
+        self.shuffle, self.bucket, self.seed = shuffle, bucket, seed
+        self.tokens, self.mask = load_instruction_split(data_dir, split)
+        ends = np.flatnonzero((self.tokens == EOT) & (self.mask == 1)) + 1
+        self.starts = np.concatenate([[0], ends[:-1]])
+        self.lengths = ends - self.starts
+        if block_size is not None and self.lengths.max() - 1 > block_size:
+            raise DataError(
+                f"{data_dir} holds examples of up to {self.lengths.max()} tokens, more than the model's context of "
+                f"{block_size} + 1: prepare the data again with --max_len {block_size + 1}"
+            )
+        self.global_batch = batch_size * world_size
+        if shuffle and len(self.lengths) < self.global_batch:
+            raise DataError(
+                f"the {split} split of {data_dir} has {len(self.lengths)} examples, fewer than one global micro-batch "
+                f"of batch_size * ranks = {self.global_batch}: lower --batch_size"
+            )
+        self.epoch, self.batch = 0, 0
+        self._plan = self._epoch_plan(0)
+
+    def _epoch_plan(self, epoch: int) -> np.ndarray:
+        """Example indices of every global batch of an epoch, (batches, B * world_size); -1 = an empty row."""
+        n, g = len(self.lengths), self.global_batch
+        if not self.shuffle:
+            order = np.argsort(self.lengths, kind="stable")
+            return np.concatenate([order, np.full(-n % g, -1)]).reshape(-1, g)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n)[: n - n % g]
+        if not self.bucket:
+            return order.reshape(-1, g)
+        window = self.BUCKET_WINDOW * g
+        sorted_windows = [w[np.argsort(self.lengths[w], kind="stable")] for w in np.split(order, range(window, len(order), window))]
+        batches = np.concatenate(sorted_windows).reshape(-1, g)
+        return batches[rng.permutation(len(batches))]
+
+    def reset(self) -> None:
+        """Back to the first batch of the first epoch (validation reads the same batches every time)."""
+        self.load_state_dict({"epoch": 0, "batch": 0})
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (x, y), each int64 (B, longest row) on the CPU."""
+        rows = self._plan[self.batch][self.rank * self.B : (self.rank + 1) * self.B]
+        width = max(1, max((self.lengths[i] - 1 for i in rows if i >= 0), default=1))
+        x = np.full((self.B, width), EOT, dtype=np.int64)  # any token: padding is never a target
+        y = np.full((self.B, width), IGNORE_INDEX, dtype=np.int64)
+        for row, i in enumerate(rows):
+            if i < 0:
+                continue
+            s, n = self.starts[i], self.lengths[i]
+            x[row, : n - 1] = self.tokens[s : s + n - 1]
+            targets = self.tokens[s + 1 : s + n].astype(np.int64)  # int64 first: -100 does not fit a uint16
+            y[row, : n - 1] = np.where(self.mask[s + 1 : s + n] == 1, targets, IGNORE_INDEX)
+        self.batch += 1
+        if self.batch == len(self._plan):
+            self.load_state_dict({"epoch": self.epoch + 1, "batch": 0})
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def num_batches(self) -> int:
+        """Micro-batches in one epoch."""
+        return len(self._plan)
+
+    def num_examples(self) -> int:
+        return len(self.lengths)
+
+    def prompt_tokens(self, i: int) -> list[int]:
+        """The prompt of example i in file order (the tokens before its response)."""
+        s, n = self.starts[i], self.lengths[i]
+        return self.tokens[s : s + int(np.argmax(self.mask[s : s + n]))].tolist()
+
+    def state_dict(self) -> dict:
+        """The position: plain ints, the same on every rank."""
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["epoch"] != self.epoch:
+            self._plan = self._epoch_plan(state["epoch"])
+        self.epoch, self.batch = state["epoch"], state["batch"]
+
+
+def load_instruction_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens and loss mask of one split of prepared instruction data, every shard checked."""
+    manifest = read_manifest(data_dir, INSTRUCTION_PRODUCERS)
+    if manifest is None:
+        raise DataError(f"no prepared data in {data_dir} (no {MANIFEST}): run {INSTRUCTION_PRODUCERS} first")
+    if manifest.get("kind") != "instructions":
+        raise DataError(
+            f"{data_dir} holds pretraining shards from {manifest.get('producer')}, not instruction data: "
+            f"run {INSTRUCTION_PRODUCERS} and pass its --out_dir"
+        )
+    producer = manifest["producer"]
+    entries = [e for e in manifest["shards"] if e["split"] == split]
+    if not entries:
+        raise DataError(f"no {split} shards in {data_dir}: run {producer} again")
+    tokens = [load_shard(data_dir, e, producer) for e in entries]
+    masks = [
+        load_shard(data_dir, {"file": e["mask_file"], "tokens": e["tokens"], "sha256": e["mask_sha256"]}, producer)
+        for e in entries
+    ]
+    tokens, mask = np.concatenate(tokens), np.concatenate(masks)
+    if tokens[-1] != EOT or mask[-1] != 1:
+        raise DataError(f"the {split} shards of {data_dir} do not end with a closing <|endoftext|>: run {producer} again")
+    return tokens, mask

@@ -70,6 +70,7 @@ def add_training_args(
     eval_every: int,
     val_steps: int,
     save_every: int,
+    max_steps_help: str = "optimizer steps of the whole run",
 ) -> None:
     """The flags every training script shares; the keyword arguments are the script's defaults."""
     g = parser.add_argument_group("run")
@@ -82,7 +83,7 @@ def add_training_args(
     g.add_argument("--compile", action="store_true", help="torch.compile the training module (evaluation uses the uncompiled one)")
     g.add_argument("--seed", type=int, default=1337, help="seed of the initialisation and of dropout (rank r uses seed + r)")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--max_steps", type=int, default=max_steps, help="optimizer steps of the whole run")
+    g.add_argument("--max_steps", type=int, default=max_steps, help=max_steps_help)
     g.add_argument("--max_lr", type=float, default=max_lr, help="peak learning rate, reached after warmup")
     g.add_argument("--min_lr_frac", type=float, default=0.1, help="the cosine decays to this fraction of --max_lr")
     g.add_argument("--warmup_steps", type=int, default=warmup_steps, help="linear warmup steps")
@@ -286,7 +287,10 @@ def train(
                 for every, evaluate in evaluations:
                     if last or (every > 0 and step % every == 0):
                         metrics = evaluate(model)
-                        compute.print0(f"step {step:6d} | " + " | ".join(f"{k} {v}" for k, v in metrics.items()))
+                        # numbers are printed; anything bigger (sample answers) is for the log and prints itself
+                        printable = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+                        if printable:
+                            compute.print0(f"step {step:6d} | " + " | ".join(f"{k} {v}" for k, v in printable.items()))
                         if compute.master:
                             append_log(log_path, {"step": step, **metrics})
             if step > start_step and (last or (args.save_every > 0 and step % args.save_every == 0)):

@@ -1,0 +1,64 @@
+"""Prepare databricks-dolly-15k for instruction tuning (model/finetune_dolly.py).
+
+    python data_prep/prepare_dolly.py                              # from the Hugging Face Hub -> data/dolly
+    python data_prep/prepare_dolly.py --input databricks-dolly-15k.jsonl   # a local copy, no network
+
+Each of Dolly's 15,011 records (instruction, context, response, category) becomes one example: the
+prompt template of model/prompt.py, the response and <|endoftext|>; only the response and that
+closing token are trained on. 10% of the records, chosen by a seeded shuffle, are held out for
+validation. Records that are not valid (a blank response, a non-string field) stop the run with
+where they are, unless --skip_invalid. Output as in data_prep/instruction_shards.py.
+"""
+
+import argparse
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make the repo root importable
+
+from data_prep.instruction_shards import add_prep_args, check_prep_args, jsonl_rows, prepare  # noqa: E402
+from model.shards import DataError  # noqa: E402
+from model.trainer import HelpFormatter  # noqa: E402
+
+PRODUCER = "data_prep/prepare_dolly.py"
+HUB_DATASET = "databricks/databricks-dolly-15k"
+
+
+def hub_rows() -> Iterator[tuple[str, object]]:
+    """(where, record) for every row of Dolly's only split, from the Hub (or the datasets cache)."""
+    try:
+        from datasets import load_dataset  # a slow import that only this path needs
+
+        ds = load_dataset(HUB_DATASET, split="train")
+    except Exception as e:  # offline, datasets raises ConnectionError, OSError, hub errors, ... depending on where
+        raise DataError(
+            f"could not load {HUB_DATASET} from the Hugging Face Hub: {type(e).__name__}: {e}\n"
+            "without network, pass a local copy in Dolly's jsonl format: --input FILE.jsonl"
+        ) from None
+    for row, record in enumerate(ds):
+        yield f"{HUB_DATASET} row {row}", record
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (2 for bad input or settings)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--input", default=None,
+                        help=f"a local jsonl in Dolly's schema instead of {HUB_DATASET} from the Hub")
+    add_prep_args(parser, out_dir="data/dolly")
+    args = parser.parse_args(argv)
+    check_prep_args(parser, args)
+    try:
+        if args.input:
+            rows, source = jsonl_rows(args.input), str(Path(args.input).resolve())
+        else:
+            rows, source = hub_rows(), HUB_DATASET
+        prepare(rows, args, producer=PRODUCER, source=source)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Instruction-tune a GPT on masked instruction shards (data_prep/prepare_dolly.py or prepare_custom_dataset.py).
+
+    python data_prep/prepare_dolly.py
+    python model/finetune_dolly.py --pretrained_checkpoint checkpoints/pretrain/step_019073.pt
+    python model/finetune_dolly.py --init_from gpt2            # or start from OpenAI's GPT-2 124M
+    python model/finetune_dolly.py --resume auto               # after an interruption: continues exactly
+    torchrun --standalone --nproc_per_node=8 model/finetune_dolly.py --pretrained_checkpoint ...
+
+The loss is the mean over response tokens (and each closing <|endoftext|>) only: the prompt and the
+padding are masked out. A micro-batch is --batch_size whole examples padded to the longest; examples
+are grouped by length within a shuffled window (see model/data.py) so little compute goes to padding.
+--total_batch_size counts examples per optimizer step. The training loop is pretraining's
+(model/trainer.py): accumulation, DDP, warmup + cosine, clipping, atomic checkpoints, SIGTERM/SIGINT ->
+save and exit, exact --resume auto.
+
+Defaults, for GPT-2 124M on Dolly's 13.5k training examples: 3 epochs of 32-example steps (about 1270
+steps), peak LR 5e-5 (a tenth of pretraining's: the aim is to teach the format, not to overwrite what
+pretraining learned), 50 warmup steps, dropout 0.1 on this small set. Every --eval_every steps (and
+at step 0, to show the base model) the run logs the val loss over every val response token and the
+greedy answers to the first --num_samples val instructions.
+
+--compile works, but the padded length changes from batch to batch, which makes torch.compile recompile
+until it switches to dynamic shapes; it pays off on long runs only.
+"""
+
+import argparse
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make the repo root importable
+
+import torch
+
+from model.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from model.compute import Compute, cleanup, setup_compute
+from model.data import InstructionLoader
+from model.engine import generate_greedy
+from model.export_hf import load_hf_model
+from model.gpt import GPT
+from model.tokenizer import decode
+from model.trainer import (
+    BETAS,
+    HelpFormatter,
+    add_training_args,
+    check_training_args,
+    find_resume_checkpoint,
+    train,
+)
+
+FRESH_HINT = "run without --resume, or pass --pretrained_checkpoint"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_training_args(
+        parser, data_dir="data/dolly", out_dir="checkpoints/dolly", max_steps=0, max_lr=5e-5, warmup_steps=50,
+        eval_every=100, val_steps=-1, save_every=200, max_steps_help="optimizer steps of the whole run; 0 = --epochs",
+    )
+    g = parser.add_argument_group("starting weights (ignored with --resume, which takes the checkpoint's)")
+    g.add_argument("--pretrained_checkpoint", default=None,
+                   help="a checkpoint of any stage (or a run directory: its newest); weights only, fresh optimizer")
+    g.add_argument("--init_from", default=None, help="a Hugging Face GPT-2 name (gpt2, gpt2-medium, ...) or a local HF directory")
+    g.add_argument("--dropout", type=float, default=0.1, help="dropout while tuning (the saved model keeps it; eval ignores it)")
+    g = parser.add_argument_group("batch")
+    g.add_argument("--batch_size", type=int, default=8, help="examples per micro-batch per rank")
+    g.add_argument("--total_batch_size", type=int, default=32,
+                   help="examples per optimizer step; gradient accumulation = this / (batch_size * ranks)")
+    g.add_argument("--epochs", type=float, default=3.0, help="passes over the training examples, when --max_steps is 0")
+    g.add_argument("--no_bucket", action="store_true", help="batch examples in plain random order, not grouped by length")
+    g = parser.add_argument_group("sample answers")
+    g.add_argument("--num_samples", type=int, default=3, help="val instructions answered greedily at each evaluation")
+    g.add_argument("--sample_tokens", type=int, default=96, help="most tokens per sample answer")
+    args = parser.parse_args(argv)
+    check_training_args(args)
+    for name in ("batch_size", "total_batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.epochs <= 0:
+        parser.error("--epochs must be > 0")
+    if not 0 <= args.dropout < 1:
+        parser.error("--dropout must be in [0, 1)")
+    if args.pretrained_checkpoint and args.init_from:
+        parser.error("pass one of --pretrained_checkpoint and --init_from, not both")
+    return args
+
+
+def starting_model(args: argparse.Namespace, resume_ckpt: dict | None) -> GPT:
+    """The checkpoint's model when resuming; else the pretrained weights, with --dropout set."""
+    if resume_ckpt is not None:
+        return model_from_checkpoint(resume_ckpt)
+    if args.pretrained_checkpoint:
+        path = resolve_checkpoint(args.pretrained_checkpoint, "model/train_gpt2.py")
+        base = model_from_checkpoint(load_checkpoint(path))
+    elif args.init_from:
+        base = load_hf_model(args.init_from)
+    else:
+        raise FileNotFoundError(
+            "no starting weights: pass --pretrained_checkpoint PATH (e.g. checkpoints/pretrain), "
+            "--init_from gpt2, or --resume auto to continue a run"
+        )
+    model = GPT(replace(base.config, dropout=args.dropout))
+    model.load_state_dict(base.state_dict())
+    return model
+
+
+def sample_answers(loader: InstructionLoader, num_samples: int, max_tokens: int, compute: Compute):
+    """An evaluation that answers the first val instructions greedily (on rank 0) for the log."""
+    prompts = [loader.prompt_tokens(i) for i in range(min(num_samples, loader.num_examples()))]
+
+    def evaluate(model: GPT) -> dict:
+        if not compute.master:
+            return {}
+        samples = [{"prompt": decode(p), "answer": decode(generate_greedy(model, p, max_tokens))} for p in prompts]
+        for s in samples:
+            print(f"{s['prompt']}{s['answer']}\n" + "-" * 40, flush=True)
+        return {"samples": samples}
+
+    return evaluate
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    compute = setup_compute(args.device, args.seed)
+    try:
+        resume = find_resume_checkpoint(args.resume, args.out_dir, FRESH_HINT)
+        resume_ckpt = load_checkpoint(resume) if resume else None
+        if resume:
+            compute.print0(f"resuming from {resume} (step {resume_ckpt['step']})")
+        model = starting_model(args, resume_ckpt)
+        per_step = args.batch_size * compute.world_size
+        if args.total_batch_size % per_step:
+            raise ValueError(
+                f"--total_batch_size {args.total_batch_size} must be a multiple of batch_size * ranks = "
+                f"{args.batch_size} * {compute.world_size} = {per_step}"
+            )
+        grad_accum = args.total_batch_size // per_step
+        block = model.config.block_size
+        train_loader = InstructionLoader(args.data_dir, "train", args.batch_size, compute.rank, compute.world_size,
+                                         bucket=not args.no_bucket, seed=args.seed, block_size=block)
+        val_loader = InstructionLoader(args.data_dir, "val", args.batch_size, compute.rank, compute.world_size,
+                                       shuffle=False, block_size=block)
+    except (FileNotFoundError, ValueError) as e:
+        compute.print0(f"error: {e}", file=sys.stderr)
+        cleanup(compute)
+        return 2
+    if args.max_steps == 0:
+        args.max_steps = math.ceil(args.epochs * train_loader.num_batches() / grad_accum)
+        compute.print0(f"{args.epochs:g} epochs of {train_loader.num_batches()} micro-batches = {args.max_steps} steps")
+    torch.manual_seed(args.seed + compute.rank)  # dropout differs per rank; the init came from the checkpoint
+    model.to(compute.device)
+    optimizer = model.configure_optimizer(args.weight_decay, args.max_lr, BETAS, compute.device.type)
+    samples = (args.eval_every, sample_answers(val_loader, args.num_samples, args.sample_tokens, compute))
+    try:
+        train(args, compute, model, optimizer, train_loader, val_loader, grad_accum=grad_accum, kind="sft",
+              resume_ckpt=resume_ckpt, evaluations=[samples] if args.num_samples else [])
+    finally:
+        cleanup(compute)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,8 +8,9 @@ response, <|endoftext|>, examples back to back) and `{split}_NNNNNN_mask.npy` (u
 response tokens and the closing <|endoftext|>) -> manifest.json last.
 
 Length policy (--max_len, tokens of prompt + response + <|endoftext|>): an example that does not fit
-has its context cut, keeping its start, until it fits; if it cannot fit even with no context left
-(the instruction and response alone are too long), it is dropped. The instruction, the response
+has its context cut, keeping its start, until it fits (or, if no piece of it fits beside its
+header, loses its context section); if it cannot fit even with no context left (the instruction and
+response alone are too long), it is dropped. The instruction, the response
 and the closing token are never cut. Both counts are printed and kept in the manifest.
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,6 @@ from model.tokenizer import EOT, encode, get_tokenizer
 
 KIND = "instructions"
 SPLITS = ("train", "val")
-SHARD_FILE = re.compile(r"^(train|val)_\d{6}(_mask)?\.npy$")
 MAX_LISTED_PROBLEMS = 20  # a file of thousands of bad lines lists the first ones and counts the rest
 
 
@@ -112,7 +111,9 @@ def jsonl_rows(path: str | Path) -> Iterable[tuple[str, object]]:
         raise DataError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # only "\n" ends a line: str.splitlines() would also split at U+2028 and other separators that
+    # json.dumps(ensure_ascii=False) leaves raw inside strings (a trailing "\r" is JSON whitespace)
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -125,7 +126,7 @@ def split_records(records: list[Record], val_fraction: float, seed: int) -> dict
     """Seeded shuffle, then the first round(n * val_fraction) records (at least one) are val, the rest
     train. Done on records, before tokenizing, so the split depends on nothing but the data and seed."""
     order = np.random.default_rng(seed).permutation(len(records))
-    n_val = max(1, round(len(records) * val_fraction)) if val_fraction > 0 else 0
+    n_val = max(1, round(len(records) * val_fraction))
     if len(records) - n_val < 1:
         raise DataError(f"{len(records)} record(s) cannot be split into train and val (--val_fraction {val_fraction})")
     shuffled = [records[i] for i in order]
@@ -156,7 +157,11 @@ def encode_record(record: Record, max_len: int) -> tuple[list[int], list[int], s
                 break
             keep -= max(1, len(candidate) - budget)
         if outcome == "dropped":
-            return [], [], outcome
+            # no piece of the context fits beside its header: the example without its context might
+            no_context = encode(render_prompt(record.instruction))
+            if not context_tokens or len(no_context) > budget:
+                return [], [], outcome
+            prompt, outcome = no_context, "truncated"
     return prompt + response, [0] * len(prompt) + [1] * len(response), outcome
 
 
@@ -170,6 +175,34 @@ def check_out_dir(out_dir: Path, producer: str) -> None:
         )
 
 
+def tokenize_split(records: list[Record], split: str, max_len: int, shard_size: int) -> tuple[list, dict]:
+    """Encode one split: ([(tokens, mask, examples) per shard], counts). A shard closes before the
+    example that would take it past shard_size tokens, so no example spans two shards."""
+    c = {"examples": 0, "tokens": 0, "response_tokens": 0, "truncated": 0, "dropped": 0}
+    shards: list[tuple[list[int], list[int], int]] = []
+    tokens: list[int] = []
+    mask: list[int] = []
+    n_examples = 0
+    for record in tqdm(records, desc=f"tokenizing {split}", unit="example"):
+        example, example_mask, outcome = encode_record(record, max_len)
+        if outcome == "dropped":
+            c["dropped"] += 1
+            continue
+        c["truncated"] += outcome == "truncated"
+        if tokens and len(tokens) + len(example) > shard_size:
+            shards.append((tokens, mask, n_examples))
+            tokens, mask, n_examples = [], [], 0
+        tokens += example
+        mask += example_mask
+        n_examples += 1
+        c["examples"] += 1
+        c["tokens"] += len(example)
+        c["response_tokens"] += sum(example_mask)
+    if not c["examples"]:
+        raise DataError(f"every {split} example was dropped as longer than --max_len {max_len}: raise --max_len")
+    return shards + [(tokens, mask, n_examples)], c
+
+
 def write_instruction_shards(
     out_dir: str | Path,
     splits: dict[str, list[Record]],
@@ -181,57 +214,34 @@ def write_instruction_shards(
     max_len: int,
     shard_size: int,
 ) -> dict:
-    """Tokenize each split and write its token and mask shards, then the manifest; return the manifest.
+    """Tokenize every split, then write the token and mask shards and last the manifest; return it.
 
-    A shard closes before the example that would take it past shard_size tokens, so no example spans
-    two shards. Files of an earlier preparation in out_dir that the new manifest does not list are
-    removed after the manifest is written.
+    Everything is tokenized before the first file is written, so a failure leaves out_dir as it was.
+    Shards of an earlier preparation in out_dir that the new manifest no longer lists are removed.
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir, producer)
+    tokenized = {split: tokenize_split(splits[split], split, max_len, shard_size) for split in SPLITS}
+    previous = read_manifest(out_dir, producer)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out_dir)
-    shards, counts = [], {"records": sum(len(r) for r in splits.values()) + invalid_skipped,
-                          "invalid_skipped": invalid_skipped}
-    for split in SPLITS:
-        c = counts[split] = {"examples": 0, "tokens": 0, "response_tokens": 0, "truncated": 0, "dropped": 0}
-        tokens: list[int] = []
-        mask: list[int] = []
-        n_examples = 0
-
-        def flush() -> None:
-            nonlocal tokens, mask, n_examples
-            index = sum(s["split"] == split for s in shards)
+    shards = []
+    counts = {"records": sum(len(r) for r in splits.values()) + invalid_skipped, "invalid_skipped": invalid_skipped}
+    for split, (split_shards, split_counts) in tokenized.items():
+        counts[split] = split_counts
+        for index, (tokens, mask, n_examples) in enumerate(split_shards):
             entry = write_shard(out_dir, token_name(split, index), np.array(tokens, dtype=np.uint16))
             mask_entry = write_shard(out_dir, mask_name(split, index), np.array(mask, dtype=np.uint8))
             shards.append(entry | {"split": split, "examples": n_examples,
                                    "mask_file": mask_entry["file"], "mask_sha256": mask_entry["sha256"]})
-            tokens, mask, n_examples = [], [], 0
-
-        for record in tqdm(splits[split], desc=f"tokenizing {split}", unit="example"):
-            example, example_mask, outcome = encode_record(record, max_len)
-            if outcome == "dropped":
-                c["dropped"] += 1
-                continue
-            c["truncated"] += outcome == "truncated"
-            if tokens and len(tokens) + len(example) > shard_size:
-                flush()
-            tokens += example
-            mask += example_mask
-            n_examples += 1
-            c["examples"] += 1
-            c["tokens"] += len(example)
-            c["response_tokens"] += sum(example_mask)
-        if not c["examples"]:
-            raise DataError(f"every {split} example was dropped as longer than --max_len {max_len}: raise --max_len")
-        flush()
     manifest = {"format": SHARD_FORMAT, "kind": KIND, "producer": producer, "source": source,
                 "settings": settings, "counts": counts, "shards": shards}
     write_manifest(out_dir, manifest)
     listed = {s["file"] for s in shards} | {s["mask_file"] for s in shards}
-    for path in out_dir.iterdir():
-        if SHARD_FILE.match(path.name) and path.name not in listed:
-            path.unlink()  # a shard of an earlier preparation, which the new manifest no longer lists
+    for old in previous["shards"] if previous else []:
+        for name in (old["file"], old["mask_file"]):
+            if name not in listed:
+                (out_dir / name).unlink(missing_ok=True)  # the earlier preparation had more shards
     return manifest
 
 
@@ -249,8 +259,9 @@ def add_prep_args(parser: argparse.ArgumentParser, out_dir: str) -> None:
 
 
 def check_prep_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if not 0 <= args.val_fraction < 1:
-        parser.error(f"--val_fraction must be in [0, 1), not {args.val_fraction}")
+    if not 0 < args.val_fraction < 1:
+        # fine-tuning reports its held-out loss and sample answers from the val split, so there must be one
+        parser.error(f"--val_fraction must be in (0, 1), not {args.val_fraction}")
     if args.max_len < 8:
         parser.error(f"--max_len must be at least 8, not {args.max_len}")
     if args.shard_size < args.max_len:

@@ -168,3 +168,17 @@ def test_instruction_data_is_refused_by_pretraining(sft_data, tmp_path):
                            str(tmp_path / "out"), "--device", "cpu"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "holds instruction data" in proc.stderr and "finetune_dolly.py" in proc.stderr
+
+
+def test_init_from_a_local_hugging_face_directory(sft_data, tmp_path):
+    from model.export_hf import export_hf
+
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
+    export_hf(base, tmp_path / "hf")
+    run_finetune(sft_data, tmp_path / "run", "--init_from", str(tmp_path / "hf"), "--max_steps", "2",
+                 "--total_batch_size", "4", "--eval_every", "0", "--num_samples", "0")
+    ckpt = load_checkpoint(tmp_path / "run" / "step_000002.pt")
+    assert ckpt["kind"] == "sft" and ckpt["config"]["n_embd"] == 32
+    assert ckpt["config"]["vocab_size"] == 50257  # an imported model keeps GPT-2's own vocabulary
+

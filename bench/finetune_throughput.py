@@ -7,7 +7,7 @@ BUCKET_WINDOW batches by length, then shuffle the batches) brings it down, and r
 second of a training step rise by about the factor (1 - waste bucket) / (1 - waste random), the drop
 in computed tokens per response token (a little more: shorter rows also make attention cheaper).
 
-    python bench/finetune_throughput.py                          # B=8, 6/384/6 GPT, 8 timed micro-batches per variant
+    python bench/finetune_throughput.py                          # B=8, 6/384/6 GPT, 6 timed micro-batches per variant
     python bench/finetune_throughput.py --steps 0                # padding waste only, no model (seconds)
     python bench/finetune_throughput.py --steps 16 --warmup 2 --threads 2
     python bench/finetune_throughput.py --n_layer 12 --n_embd 768 --n_head 12 --device cuda --dtype bfloat16 --steps 20
@@ -222,7 +222,7 @@ def main() -> None:
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16 = forward under bf16 autocast")
     g.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = torch's default")
     g = parser.add_argument_group("how long")
-    g.add_argument("--steps", type=int, default=8, help="timed micro-batches per variant, at quantiles of width; 0 = padding only")
+    g.add_argument("--steps", type=int, default=6, help="timed micro-batches per variant, at quantiles of width; 0 = padding only")
     g.add_argument("--warmup", type=int, default=1, help="untimed micro-batches per variant first")
     args = parser.parse_args()
     if args.records < 20 or args.batch_size < 1 or args.steps < 0 or args.warmup < 0:

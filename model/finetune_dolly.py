@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--pretrained_checkpoint", default=None,
                    help="a checkpoint of any stage (or a run directory: its newest); weights only, fresh optimizer")
     g.add_argument("--init_from", default=None, help="a Hugging Face GPT-2 name (gpt2, gpt2-medium, ...) or a local HF directory")
-    g.add_argument("--dropout", type=float, default=0.1, help="dropout while tuning (the saved model keeps it; eval ignores it)")
+    g.add_argument("--dropout", type=float, default=0.1, help="dropout while tuning (the saved model keeps it; eval ignores it). On CPU, attention dropout "
+                        "sends attention to PyTorch's slow math kernel: --dropout 0 is several times faster there")
     g = parser.add_argument_group("batch")
     g.add_argument("--batch_size", type=int, default=8, help="examples per micro-batch per rank")
     g.add_argument("--total_batch_size", type=int, default=32,

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,9 @@ from model.tokenizer import EOT, encode, get_tokenizer
 KIND = "instructions"
 SPLITS = ("train", "val")
 MAX_LISTED_PROBLEMS = 20  # a file of thousands of bad lines lists the first ones and counts the rest
+
+
+Rows = Iterable[tuple[str, object]]  # (where, decoded JSON value): "my.jsonl:12" names the row for the user
 
 
 @dataclass
@@ -268,7 +272,7 @@ def check_prep_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--shard_size must be at least --max_len ({args.max_len})")
 
 
-def prepare(rows: Iterable[tuple[str, object]], args: argparse.Namespace, *, producer: str, source: str) -> dict:
+def prepare(rows: Rows, args: argparse.Namespace, *, producer: str, source: str) -> dict:
     """The whole pipeline for rows of (where, decoded JSON value); returns the manifest it wrote."""
     records, skipped = collect_records(rows, args.skip_invalid)
     splits = split_records(records, args.val_fraction, args.seed)
@@ -283,3 +287,26 @@ def prepare(rows: Iterable[tuple[str, object]], args: argparse.Namespace, *, pro
               f"{c['truncated']} with context cut to fit --max_len {args.max_len}, {c['dropped']} dropped as too long")
     print(f"wrote {len(manifest['shards'])} token shard(s) with masks and {Path(args.out_dir) / 'manifest.json'}")
     return manifest
+
+
+
+def run_cli(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    *,
+    out_dir: str,
+    producer: str,
+    rows_and_source: Callable[[argparse.Namespace], tuple[Rows, str]],
+) -> int:
+    """A prep script's main: the shared flags (default --out_dir out_dir) beside the script's own, then
+    prepare() on the rows that rows_and_source(args) gives; returns the exit code (2 for bad input)."""
+    add_prep_args(parser, out_dir=out_dir)
+    args = parser.parse_args(argv)
+    check_prep_args(parser, args)
+    try:
+        rows, source = rows_and_source(args)
+        prepare(rows, args, producer=producer, source=source)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -20,8 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make the repo root importable
 
-from data_prep.instruction_shards import add_prep_args, check_prep_args, jsonl_rows, prepare  # noqa: E402
-from model.shards import DataError  # noqa: E402
+from data_prep.instruction_shards import jsonl_rows, run_cli  # noqa: E402
 from model.trainer import HelpFormatter  # noqa: E402
 
 PRODUCER = "data_prep/prepare_custom_dataset.py"
@@ -31,15 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 for bad input or settings)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("input", help="a jsonl file of {instruction, context (optional), response} records")
-    add_prep_args(parser, out_dir="data/custom")
-    args = parser.parse_args(argv)
-    check_prep_args(parser, args)
-    try:
-        prepare(jsonl_rows(args.input), args, producer=PRODUCER, source=str(Path(args.input).resolve()))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(parser, argv, out_dir="data/custom", producer=PRODUCER,
+                   rows_and_source=lambda args: (jsonl_rows(args.input), str(Path(args.input).resolve())))
 
 
 if __name__ == "__main__":

@@ -12,12 +12,11 @@ where they are, unless --skip_invalid. Output as in data_prep/instruction_shards
 
 import argparse
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make the repo root importable
 
-from data_prep.instruction_shards import add_prep_args, check_prep_args, jsonl_rows, prepare  # noqa: E402
+from data_prep.instruction_shards import Rows, jsonl_rows, run_cli  # noqa: E402
 from model.shards import DataError  # noqa: E402
 from model.trainer import HelpFormatter  # noqa: E402
 
@@ -25,7 +24,7 @@ PRODUCER = "data_prep/prepare_dolly.py"
 HUB_DATASET = "databricks/databricks-dolly-15k"
 
 
-def hub_rows() -> Iterator[tuple[str, object]]:
+def hub_rows() -> Rows:
     """(where, record) for every row of Dolly's only split, from the Hub (or the datasets cache)."""
     try:
         from datasets import load_dataset  # a slow import that only this path needs
@@ -45,19 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--input", default=None,
                         help=f"a local jsonl in Dolly's schema instead of {HUB_DATASET} from the Hub")
-    add_prep_args(parser, out_dir="data/dolly")
-    args = parser.parse_args(argv)
-    check_prep_args(parser, args)
-    try:
+
+    def rows_and_source(args: argparse.Namespace) -> tuple[Rows, str]:
         if args.input:
-            rows, source = jsonl_rows(args.input), str(Path(args.input).resolve())
-        else:
-            rows, source = hub_rows(), HUB_DATASET
-        prepare(rows, args, producer=PRODUCER, source=source)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+            return jsonl_rows(args.input), str(Path(args.input).resolve())
+        return hub_rows(), HUB_DATASET
+
+    return run_cli(parser, argv, out_dir="data/dolly", producer=PRODUCER, rows_and_source=rows_and_source)
 
 
 if __name__ == "__main__":

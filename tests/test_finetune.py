@@ -5,7 +5,6 @@ with the repo's own prep script, so flags, signals, checkpoints and exit codes a
 """
 
 import json
-import os
 import random
 import shutil
 import signal
@@ -19,9 +18,8 @@ import torch
 from conftest import REPO_ROOT
 from model.checkpoint import latest_checkpoint, load_checkpoint, model_state, save_checkpoint
 from model.gpt import GPT, GPTConfig
-from test_train import assert_bitwise_equal, final_weights, log_records, wait_for
+from test_train import ENV, assert_bitwise_equal, final_weights, log_records, run_cmd, script_cmd, wait_for
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 TINY = ["--batch_size", "4", "--max_lr", "1e-2", "--warmup_steps", "3", "--keep_last", "0", "--device", "cpu",
         "--num_samples", "1", "--sample_tokens", "4"]
 STEPS = ["--max_steps", "16", "--total_batch_size", "8", "--eval_every", "5", "--save_every", "4", "--dropout", "0.1"]
@@ -57,18 +55,11 @@ def pretrained(tmp_path_factory):
 
 
 def finetune_cmd(data_dir, out_dir, *extra, nproc=1):
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return launcher + ["model/finetune_dolly.py", "--data_dir", str(data_dir), "--out_dir", str(out_dir), *TINY, *extra]
+    return script_cmd("model/finetune_dolly.py", "--data_dir", data_dir, "--out_dir", out_dir, *TINY, *extra, nproc=nproc)
 
 
 def run_finetune(data_dir, out_dir, *extra, nproc=1, check=True):
-    proc = subprocess.run(finetune_cmd(data_dir, out_dir, *extra, nproc=nproc), cwd=REPO_ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
+    return run_cmd(finetune_cmd(data_dir, out_dir, *extra, nproc=nproc), check)
 
 
 @pytest.fixture(scope="module")

@@ -28,19 +28,27 @@ TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--seq_len", "32", 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def train_cmd(data_dir, out_dir, *extra, nproc=1):
+def script_cmd(script, *args, nproc=1):
+    """The command line of a training script, under torchrun when nproc > 1."""
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return launcher + ["model/train_gpt2.py", "--data_dir", str(data_dir), "--out_dir", str(out_dir), *TINY, *extra]
+    return launcher + [script, *map(str, args)]
 
 
-def run_train(data_dir, out_dir, *extra, nproc=1, check=True):
-    proc = subprocess.run(train_cmd(data_dir, out_dir, *extra, nproc=nproc), cwd=REPO_ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+def run_cmd(cmd, check=True):
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
+
+
+def train_cmd(data_dir, out_dir, *extra, nproc=1):
+    return script_cmd("model/train_gpt2.py", "--data_dir", data_dir, "--out_dir", out_dir, *TINY, *extra, nproc=nproc)
+
+
+def run_train(data_dir, out_dir, *extra, nproc=1, check=True):
+    return run_cmd(train_cmd(data_dir, out_dir, *extra, nproc=nproc), check)
 
 
 def final_weights(out_dir, step):

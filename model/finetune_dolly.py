@@ -33,12 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 import torch
 
-from model.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from eval.hellaswag import add_hellaswag_args, hellaswag_evaluation
+from model.checkpoint import load_checkpoint, model_from_checkpoint
 from model.compute import Compute, cleanup, setup_compute
 from model.data import InstructionLoader
 from model.engine import generate_greedy
-from model.export_hf import load_hf_model
 from model.gpt import GPT
+from model.pretrained import load_pretrained
 from model.tokenizer import decode
 from model.trainer import (
     BETAS,
@@ -73,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = parser.add_argument_group("sample answers")
     g.add_argument("--num_samples", type=int, default=3, help="val instructions answered greedily at each evaluation")
     g.add_argument("--sample_tokens", type=int, default=96, help="most tokens per sample answer")
+    add_hellaswag_args(parser, every=0)  # e.g. --hellaswag_every 200: what tuning costs in general knowledge
     args = parser.parse_args(argv)
     check_training_args(args)
     for name in ("batch_size", "total_batch_size"):
@@ -91,16 +93,12 @@ def starting_model(args: argparse.Namespace, resume_ckpt: dict | None) -> GPT:
     """The checkpoint's model when resuming; else the pretrained weights, with --dropout set."""
     if resume_ckpt is not None:
         return model_from_checkpoint(resume_ckpt)
-    if args.pretrained_checkpoint:
-        path = resolve_checkpoint(args.pretrained_checkpoint, "model/train_gpt2.py")
-        base = model_from_checkpoint(load_checkpoint(path))
-    elif args.init_from:
-        base = load_hf_model(args.init_from)
-    else:
+    if not (args.pretrained_checkpoint or args.init_from):
         raise FileNotFoundError(
             "no starting weights: pass --pretrained_checkpoint PATH (e.g. checkpoints/pretrain), "
             "--init_from gpt2, or --resume auto to continue a run"
         )
+    base, _ = load_pretrained(args.pretrained_checkpoint, args.init_from)
     model = GPT(replace(base.config, dropout=args.dropout))
     model.load_state_dict(base.state_dict())
     return model
@@ -142,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                                          bucket=not args.no_bucket, seed=args.seed, block_size=block)
         val_loader = InstructionLoader(args.data_dir, "val", args.batch_size, compute.rank, compute.world_size,
                                        shuffle=False, block_size=block)
+        hellaswag = hellaswag_evaluation(args, compute)
     except (FileNotFoundError, ValueError) as e:
         compute.print0(f"error: {e}", file=sys.stderr)
         cleanup(compute)
@@ -152,10 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed + compute.rank)  # dropout differs per rank; the init came from the checkpoint
     model.to(compute.device)
     optimizer = model.configure_optimizer(args.weight_decay, args.max_lr, BETAS, compute.device.type)
-    samples = (args.eval_every, sample_answers(val_loader, args.num_samples, args.sample_tokens, compute))
+    evaluations = [hellaswag] if hellaswag else []
+    if args.num_samples:
+        evaluations.append((args.eval_every, sample_answers(val_loader, args.num_samples, args.sample_tokens, compute)))
     try:
         train(args, compute, model, optimizer, train_loader, val_loader, grad_accum=grad_accum, kind="sft",
-              resume_ckpt=resume_ckpt, evaluations=[samples] if args.num_samples else [])
+              resume_ckpt=resume_ckpt, evaluations=evaluations)
     finally:
         cleanup(compute)
     return 0

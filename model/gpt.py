@@ -46,15 +46,16 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        # flash / memory-efficient kernels where the device has them; the causal mask is implicit
+        # flash / memory-efficient kernels where the device has them; without a mask it is the implicit causal one
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=None if attn_mask is None else attn_mask.unsqueeze(1), is_causal=attn_mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -82,8 +83,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -125,21 +126,36 @@ class GPT(nn.Module):
                 torch.nn.init.ones_(module.weight)
                 torch.nn.init.zeros_(module.bias)
 
+    def hidden(
+        self, idx: torch.Tensor, pos: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The final hidden states (B, T, n_embd), after ln_f, of token ids idx (B, T).
+
+        By default token t sits at position t and sees tokens 0..t. pos (B, T) and a boolean attn_mask
+        (B, T, T), True where a query may see a key, let one row hold several sequences that share a
+        prefix (HellaSwag packs a context with its four endings): callers that only need some
+        positions' logits apply lm_head to those alone.
+        """
+        B, T = idx.size()
+        if pos is None:
+            assert T <= self.config.block_size, f"sequence of {T} tokens is longer than block_size {self.config.block_size}"
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,), broadcast over the batch
+        # with pos given, a row may be longer than block_size: only each position must be below it
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, attn_mask)
+        return self.transformer.ln_f(x)
+
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab_size) for token ids idx (B, T), and a loss when targets are given.
 
         reduction: "mean" over the targets that are not IGNORE_INDEX, "sum" of them, or "none" for
-        the per-token loss (B, T) with 0 at ignored positions (HellaSwag scoring, masked fine-tuning).
+        the per-token loss (B, T) with 0 at ignored positions.
         """
         B, T = idx.size()
-        assert T <= self.config.block_size, f"sequence of {T} tokens is longer than block_size {self.config.block_size}"
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        logits = self.lm_head(self.hidden(idx))  # (B, T, vocab_size)
         if targets is None:
             return logits, None
         # float32 loss even when the logits are bf16: log-softmax over 50k entries needs the precision

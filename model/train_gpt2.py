@@ -7,11 +7,13 @@ GPT-2 124M on FineWeb-Edu sample-10BT (the defaults: 0.5M-token batches, 19073 s
 After an interruption (SIGTERM/SIGINT save a checkpoint; a kill loses only the steps since the last one):
     torchrun --standalone --nproc_per_node=8 model/train_gpt2.py --resume auto
 
+HellaSwag is scored every --hellaswag_every steps (downloaded once; --hellaswag_data for a local copy).
+
 A tiny model on a 2-core CPU, on any local text (loss falls within minutes):
     python data_prep/fineweb.py --input ../shared/data/tinyshakespeare.txt --out_dir data/shakespeare --shard_size 100000
     python model/train_gpt2.py --data_dir data/shakespeare --out_dir checkpoints/shakespeare \\
         --n_layer 4 --n_head 4 --n_embd 128 --seq_len 64 --batch_size 8 --total_batch_size 512 \\
-        --max_steps 200 --warmup_steps 20 --max_lr 3e-3 --eval_every 50 --val_steps 8 --save_every 100
+        --max_steps 200 --warmup_steps 20 --max_lr 3e-3 --eval_every 50 --val_steps 8 --save_every 100 --hellaswag_every 0
 
 Continue pretraining OpenAI's GPT-2 instead of random weights: --init_from gpt2 (or a local HF directory).
 """
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 import torch
 
+from eval.hellaswag import add_hellaswag_args, hellaswag_evaluation
 from model.checkpoint import load_checkpoint, model_from_checkpoint
 from model.compute import cleanup, setup_compute
 from model.data import TokenShardLoader
@@ -57,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--n_head", type=int, default=12)
     g.add_argument("--n_embd", type=int, default=768)
     g.add_argument("--dropout", type=float, default=0.0)
+    add_hellaswag_args(parser, every=250)
     args = parser.parse_args(argv)
     check_training_args(args)
     for name in ("batch_size", "seq_len", "total_batch_size", "n_layer", "n_head", "n_embd"):
@@ -97,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         grad_accum = args.total_batch_size // tokens_per_micro
         loaders = [TokenShardLoader(args.data_dir, split, args.batch_size, args.seq_len, compute.rank,
                                     compute.world_size) for split in ("train", "val")]
+        hellaswag = hellaswag_evaluation(args, compute)
     except (FileNotFoundError, ValueError) as e:
         compute.print0(f"error: {e}", file=sys.stderr)
         cleanup(compute)
@@ -106,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     model.to(compute.device)
     optimizer = model.configure_optimizer(args.weight_decay, args.max_lr, BETAS, compute.device.type)
     try:
-        train(args, compute, model, optimizer, *loaders, grad_accum=grad_accum, kind="pretrain", resume_ckpt=resume_ckpt)
+        train(args, compute, model, optimizer, *loaders, grad_accum=grad_accum, kind="pretrain", resume_ckpt=resume_ckpt,
+              evaluations=[hellaswag] if hellaswag else [])
     finally:
         cleanup(compute)
     return 0

@@ -290,7 +290,7 @@ def train(
                         # numbers are printed; anything bigger (sample answers) is for the log and prints itself
                         printable = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
                         if printable:
-                            compute.print0(f"step {step:6d} | " + " | ".join(f"{k} {v}" for k, v in printable.items()))
+                            compute.print0(f"step {step:6d} | " + " | ".join(f"{k} {v:.4f}" for k, v in printable.items()))
                         if compute.master:
                             append_log(log_path, {"step": step, **metrics})
             if step > start_step and (last or (args.save_every > 0 and step % args.save_every == 0)):

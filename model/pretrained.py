@@ -1,0 +1,26 @@
+"""Weights to start from or to evaluate: a checkpoint of any stage of this repo, or Hugging Face GPT-2.
+
+Fine-tuning, HellaSwag and the chat CLI take the same two flags, --checkpoint (a step_*.pt file or a
+run directory, whose newest checkpoint is used) and --init_from (gpt2, ..., or a local HF directory),
+and all of them load through here.
+"""
+
+from __future__ import annotations
+
+from model.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from model.export_hf import load_hf_model
+from model.gpt import GPT
+
+
+def load_pretrained(checkpoint: str | None = None, init_from: str | None = None) -> tuple[GPT, str]:
+    """The model of a checkpoint (file or run directory) or of HF GPT-2 weights, and where it came from.
+
+    Exactly one of the two must be given; a missing file raises FileNotFoundError naming the script
+    that writes checkpoints.
+    """
+    if (checkpoint is None) == (init_from is None):
+        raise ValueError("pass exactly one of a checkpoint (e.g. checkpoints/pretrain) and --init_from (e.g. gpt2)")
+    if checkpoint is not None:
+        path = resolve_checkpoint(checkpoint, "model/train_gpt2.py or model/finetune_dolly.py")
+        return model_from_checkpoint(load_checkpoint(path)), str(path)
+    return load_hf_model(init_from), init_from

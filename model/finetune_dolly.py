@@ -17,7 +17,8 @@ Defaults, for GPT-2 124M on Dolly's 13.5k training examples: 3 epochs of 32-exam
 steps), peak LR 5e-5 (a tenth of pretraining's: the aim is to teach the format, not to overwrite what
 pretraining learned), 50 warmup steps, dropout 0.1 on this small set. Every --eval_every steps (and
 at step 0, to show the base model) the run logs the val loss over every val response token and the
-greedy answers to the first --num_samples val instructions.
+greedy answers to the first --num_samples val instructions; --hellaswag_every N also scores HellaSwag
+(eval/hellaswag.py), to show what tuning costs in general knowledge.
 
 --compile works, but the padded length changes from batch to batch, which makes torch.compile recompile
 until it switches to dynamic shapes; it pays off on long runs only.

@@ -173,3 +173,20 @@ def test_init_from_a_local_hugging_face_directory(sft_data, tmp_path):
     assert ckpt["kind"] == "sft" and ckpt["config"]["n_embd"] == 32
     assert ckpt["config"]["vocab_size"] == 50257  # an imported model keeps GPT-2's own vocabulary
 
+
+
+def test_hellaswag_while_tuning_equals_scoring_the_tuned_checkpoint(sft_data, pretrained, tmp_path):
+    """The in-training evaluation and eval/hellaswag.py agree on a fine-tuned (dropout 0.1) checkpoint."""
+    from test_hellaswag import synthetic_examples, write_jsonl
+
+    data = write_jsonl(tmp_path / "hellaswag.jsonl", synthetic_examples(9))
+    run_finetune(sft_data, tmp_path / "run", "--max_steps", "4", "--total_batch_size", "8", "--eval_every", "0",
+                 "--num_samples", "0", "--dropout", "0.1", "--pretrained_checkpoint", str(pretrained),
+                 "--hellaswag_every", "2", "--hellaswag_data", str(data))
+    logged = [r for r in log_records(tmp_path / "run") if "hellaswag_acc_norm" in r]
+    assert [r["step"] for r in logged] == [0, 2, 4]
+    report = tmp_path / "report.json"
+    run_cmd(script_cmd("eval/hellaswag.py", "--checkpoint", tmp_path / "run", "--data", data, "--device", "cpu",
+                       "--out_json", report))
+    scored = json.loads(report.read_text())
+    assert (scored["acc"], scored["acc_norm"]) == (logged[-1]["hellaswag_acc"], logged[-1]["hellaswag_acc_norm"])

@@ -38,7 +38,7 @@ from eval.hellaswag import add_hellaswag_args, hellaswag_evaluation
 from model.checkpoint import load_checkpoint, model_from_checkpoint
 from model.compute import Compute, cleanup, setup_compute
 from model.data import InstructionLoader
-from model.engine import generate_greedy
+from model.engine import SamplingParams, generate
 from model.gpt import GPT
 from model.pretrained import load_pretrained
 from model.tokenizer import decode
@@ -112,7 +112,8 @@ def sample_answers(loader: InstructionLoader, num_samples: int, max_tokens: int,
     def evaluate(model: GPT) -> dict:
         if not compute.master:
             return {}
-        samples = [{"prompt": decode(p), "answer": decode(generate_greedy(model, p, max_tokens))} for p in prompts]
+        greedy = SamplingParams(max_tokens=max_tokens, temperature=0)
+        samples = [{"prompt": decode(p), "answer": "".join(generate(model, p, greedy))} for p in prompts]
         for s in samples:
             print(f"{s['prompt']}{s['answer']}\n" + "-" * 40, flush=True)
         return {"samples": samples}

@@ -46,12 +46,14 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:  # inference (model/engine.py): store the new keys and values, attend over all cached ones
+            k, v = cache.store(k, v)  # (B, nh, T_cached, hs)
         # flash / memory-efficient kernels where the device has them; without a mask it is the implicit causal one
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=None if attn_mask is None else attn_mask.unsqueeze(1), is_causal=attn_mask is None,
@@ -83,8 +85,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -127,14 +129,17 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(module.bias)
 
     def hidden(
-        self, idx: torch.Tensor, pos: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
+        self, idx: torch.Tensor, pos: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+        kv_cache: list | None = None,
     ) -> torch.Tensor:
         """The final hidden states (B, T, n_embd), after ln_f, of token ids idx (B, T).
 
         By default token t sits at position t and sees tokens 0..t. pos (B, T) and a boolean attn_mask
-        (B, T, T), True where a query may see a key, let one row hold several sequences that share a
-        prefix (HellaSwag packs a context with its four endings): callers that only need some
-        positions' logits apply lm_head to those alone.
+        (B, T, T_keys), True where a query may see a key, let one row hold several sequences that share
+        a prefix (HellaSwag packs a context with its four endings), or rows of different lengths
+        decode together. kv_cache holds one object per layer whose store(k, v) keeps the new keys and
+        values and returns all the row's keys and values so far (model/engine.py). Callers that only
+        need some positions' logits apply lm_head to those alone.
         """
         B, T = idx.size()
         if pos is None:
@@ -142,8 +147,8 @@ class GPT(nn.Module):
             pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,), broadcast over the batch
         # with pos given, a row may be longer than block_size: only each position must be below it
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x, attn_mask)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, attn_mask, None if kv_cache is None else kv_cache[i])
         return self.transformer.ln_f(x)
 
     def forward(

@@ -110,7 +110,10 @@ def download(url: str, cache_dir: str | Path, data_flag: str = "--data") -> Path
             f"HellaSwag is not in {cache_dir} and downloading {url} failed ({getattr(e, 'reason', e)}). "
             f"Offline? Pass {data_flag} PATH to a local copy of hellaswag_val.jsonl"
         ) from None
-    parse_examples(body.decode("utf-8").split("\n"), url)  # a proxy's error page must not become the cache
+    try:  # a proxy's error page must not become the cache
+        parse_examples(body.decode("utf-8", errors="replace").split("\n"), url)
+    except ValueError as e:
+        raise ValueError(f"{e}: this is not HellaSwag; pass {data_flag} PATH to a local copy of hellaswag_val.jsonl") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write(body))
     return path
@@ -208,22 +211,24 @@ def score(
 
     The model is put in eval mode for the pass and its mode restored after.
     """
-    was_training = model.training
-    model.eval()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     packed = [pack(e, model.config.block_size) for e in examples]
     order = sorted(range(len(examples)), key=lambda i: len(packed[i].tokens))
     results: list[dict | None] = [None] * len(examples)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="hellaswag", unit="batch", disable=not progress):
-        sums = score_rows(model, [packed[i] for i in batch], device, autocast)
-        for i, row in zip(batch, sums.tolist()):
-            ex, lengths = examples[i], packed[i].lengths
-            means = [s / n for s, n in zip(row, lengths)]
-            results[i] = {"ind": ex.ind, "label": ex.label, "pred": min(range(NUM_ENDINGS), key=row.__getitem__),
-                          "pred_norm": min(range(NUM_ENDINGS), key=means.__getitem__),
-                          "losses_sum": row, "losses_mean": means}
-    model.train(was_training)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(batches, desc="hellaswag", unit="batch", disable=not progress):
+            sums = score_rows(model, [packed[i] for i in batch], device, autocast)
+            for i, row in zip(batch, sums.tolist()):
+                ex, lengths = examples[i], packed[i].lengths
+                means = [s / n for s, n in zip(row, lengths)]
+                results[i] = {"ind": ex.ind, "label": ex.label, "pred": min(range(NUM_ENDINGS), key=row.__getitem__),
+                              "pred_norm": min(range(NUM_ENDINGS), key=means.__getitem__),
+                              "losses_sum": row, "losses_mean": means}
+    finally:
+        model.train(was_training)
     return results
 
 
@@ -235,9 +240,9 @@ def evaluate(
     mine = examples[compute.rank :: compute.world_size]
     results = score(model, mine, compute.device, batch_size=batch_size, dtype=dtype, progress=progress and compute.master)
     counts = torch.tensor([len(results), sum(r["pred"] == r["label"] for r in results),
-                           sum(r["pred_norm"] == r["label"] for r in results)], dtype=torch.float64, device=compute.device)
+                           sum(r["pred_norm"] == r["label"] for r in results)], dtype=torch.long, device=compute.device)
     n, correct, correct_norm = compute.all_reduce(counts).tolist()
-    return {"n": int(n), "acc": correct / n, "acc_norm": correct_norm / n}, results
+    return {"n": n, "acc": correct / n, "acc_norm": correct_norm / n}, results
 
 
 def find_data(data: str | None, url: str, cache_dir: str | Path, data_flag: str = "--data") -> Path:
@@ -248,6 +253,21 @@ def find_data(data: str | None, url: str, cache_dir: str | Path, data_flag: str 
     if not path.is_file():
         raise FileNotFoundError(f"{data}: no such file (a jsonl in HellaSwag's format is expected)")
     return path
+
+
+def fetch_data(data: str | None, url: str, cache_dir: str | Path, compute: Compute, data_flag: str = "--data") -> Path:
+    """find_data on rank 0 first (one download, not one per rank), then on the others, which read the
+    cache. A failure on rank 0 raises FileNotFoundError on every rank, so none waits forever."""
+    error = None
+    if compute.master:
+        try:
+            find_data(data, url, cache_dir, data_flag)
+        except (FileNotFoundError, ValueError) as e:
+            error = str(e)
+    errors = [e for e in compute.gather(error) if e]
+    if errors:
+        raise FileNotFoundError(errors[0])
+    return find_data(data, url, cache_dir, data_flag)
 
 
 def add_hellaswag_args(parser: argparse.ArgumentParser, every: int) -> None:
@@ -271,17 +291,11 @@ def hellaswag_evaluation(args: argparse.Namespace, compute: Compute):
         return None
     if args.hellaswag_limit < 0 or args.hellaswag_batch_size < 1:
         raise ValueError("--hellaswag_limit must be >= 0 and --hellaswag_batch_size >= 1")
-    error = None
-    if compute.master:
-        try:
-            find_data(args.hellaswag_data, args.hellaswag_url, args.hellaswag_cache, "--hellaswag_data")
-        except (FileNotFoundError, ValueError) as e:
-            error = f"{e} (or pass --hellaswag_every 0)"
-    errors = [e for e in compute.gather(error) if e]  # every rank waits for rank 0's download, and fails with it
-    if errors:
-        raise FileNotFoundError(errors[0])
-    examples = load_examples(find_data(args.hellaswag_data, args.hellaswag_url, args.hellaswag_cache))
-    examples = examples[: args.hellaswag_limit or None]
+    try:
+        path = fetch_data(args.hellaswag_data, args.hellaswag_url, args.hellaswag_cache, compute, "--hellaswag_data")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (or pass --hellaswag_every 0)") from None
+    examples = load_examples(path)[: args.hellaswag_limit or None]
     dtype = resolve_dtype(args.dtype, compute.device)
 
     def run(model: GPT) -> dict:
@@ -319,10 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     compute = setup_compute(args.device)
     try:
-        # rank 0 downloads first, so the other ranks read the cache rather than download too
-        path = find_data(args.data, args.url, args.cache_dir) if compute.master else None
-        compute.barrier()
-        examples = load_examples(path or find_data(args.data, args.url, args.cache_dir))[: args.limit or None]
+        path = fetch_data(args.data, args.url, args.cache_dir, compute)
+        examples = load_examples(path)[: args.limit or None]
         model, source = load_pretrained(args.checkpoint, args.init_from)
     except (FileNotFoundError, ValueError) as e:
         compute.print0(f"error: {e}", file=sys.stderr)

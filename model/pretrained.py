@@ -1,8 +1,8 @@
 """Weights to start from or to evaluate: a checkpoint of any stage of this repo, or Hugging Face GPT-2.
 
-Fine-tuning, HellaSwag and the chat CLI take the same two flags, --checkpoint (a step_*.pt file or a
-run directory, whose newest checkpoint is used) and --init_from (gpt2, ..., or a local HF directory),
-and all of them load through here.
+Fine-tuning (--pretrained_checkpoint / --init_from) and eval/hellaswag.py (--checkpoint / --init_from)
+load through here: a step_*.pt file or a run directory (its newest checkpoint), or gpt2, ..., or a
+local HF directory.
 """
 
 from __future__ import annotations

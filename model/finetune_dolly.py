@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 import torch
 
 from eval.hellaswag import add_hellaswag_args, hellaswag_evaluation
-from model.checkpoint import load_checkpoint, model_from_checkpoint
+from model.checkpoint import model_from_checkpoint
 from model.compute import Compute, cleanup, setup_compute
 from model.data import InstructionLoader
 from model.engine import SamplingParams, generate
@@ -47,7 +47,8 @@ from model.trainer import (
     HelpFormatter,
     add_training_args,
     check_training_args,
-    find_resume_checkpoint,
+    accumulation_steps,
+    load_resume_checkpoint,
     train,
 )
 
@@ -125,18 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     compute = setup_compute(args.device, args.seed)
     try:
-        resume = find_resume_checkpoint(args.resume, args.out_dir, FRESH_HINT)
-        resume_ckpt = load_checkpoint(resume) if resume else None
-        if resume:
-            compute.print0(f"resuming from {resume} (step {resume_ckpt['step']})")
+        resume_ckpt = load_resume_checkpoint(args, compute, FRESH_HINT)
         model = starting_model(args, resume_ckpt)
-        per_step = args.batch_size * compute.world_size
-        if args.total_batch_size % per_step:
-            raise ValueError(
-                f"--total_batch_size {args.total_batch_size} must be a multiple of batch_size * ranks = "
-                f"{args.batch_size} * {compute.world_size} = {per_step}"
-            )
-        grad_accum = args.total_batch_size // per_step
+        grad_accum = accumulation_steps(args.total_batch_size, {"batch_size": args.batch_size, "ranks": compute.world_size})
         block = model.config.block_size
         train_loader = InstructionLoader(args.data_dir, "train", args.batch_size, compute.rank, compute.world_size,
                                          bucket=not args.no_bucket, seed=args.seed, block_size=block)

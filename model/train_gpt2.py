@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 import torch
 
 from eval.hellaswag import add_hellaswag_args, hellaswag_evaluation
-from model.checkpoint import load_checkpoint, model_from_checkpoint
+from model.checkpoint import model_from_checkpoint
 from model.compute import cleanup, setup_compute
 from model.data import TokenShardLoader
 from model.export_hf import load_hf_model
@@ -37,7 +37,8 @@ from model.trainer import (
     HelpFormatter,
     add_training_args,
     check_training_args,
-    find_resume_checkpoint,
+    accumulation_steps,
+    load_resume_checkpoint,
     train,
 )
 
@@ -85,20 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     compute = setup_compute(args.device, args.seed)
     try:
-        resume = find_resume_checkpoint(args.resume, args.out_dir, "run without --resume to start a new run")
-        resume_ckpt = load_checkpoint(resume) if resume else None
-        if resume:
-            compute.print0(f"resuming from {resume} (step {resume_ckpt['step']})")
+        resume_ckpt = load_resume_checkpoint(args, compute, "run without --resume to start a new run")
         model = build_model(args, resume_ckpt)
         if args.seq_len > model.config.block_size:
             raise ValueError(f"--seq_len {args.seq_len} exceeds the model's block_size {model.config.block_size}")
-        tokens_per_micro = args.batch_size * args.seq_len * compute.world_size
-        if args.total_batch_size % tokens_per_micro:
-            raise ValueError(
-                f"--total_batch_size {args.total_batch_size} must be a multiple of batch_size * seq_len * ranks = "
-                f"{args.batch_size} * {args.seq_len} * {compute.world_size} = {tokens_per_micro}"
-            )
-        grad_accum = args.total_batch_size // tokens_per_micro
+        grad_accum = accumulation_steps(
+            args.total_batch_size, {"batch_size": args.batch_size, "seq_len": args.seq_len, "ranks": compute.world_size})
         loaders = [TokenShardLoader(args.data_dir, split, args.batch_size, args.seq_len, compute.rank,
                                     compute.world_size) for split in ("train", "val")]
         hellaswag = hellaswag_evaluation(args, compute)

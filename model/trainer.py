@@ -30,6 +30,7 @@ from model.atomic import remove_stale_temp_files
 from model.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
+    load_checkpoint,
     list_checkpoints,
     model_state,
     prune_checkpoints,
@@ -148,6 +149,30 @@ def find_resume_checkpoint(resume: str | None, out_dir: str | Path, fresh_hint: 
     if not path.is_file():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
     return path
+
+
+def load_resume_checkpoint(args: argparse.Namespace, compute: Compute, fresh_hint: str) -> dict | None:
+    """The loaded checkpoint that --resume names (see find_resume_checkpoint), or None for a fresh run."""
+    path = find_resume_checkpoint(args.resume, args.out_dir, fresh_hint)
+    if path is None:
+        return None
+    ckpt = load_checkpoint(path)
+    compute.print0(f"resuming from {path} (step {ckpt['step']})")
+    return ckpt
+
+
+def accumulation_steps(total_batch_size: int, factors: dict[str, int]) -> int:
+    """Micro-steps per optimizer step: --total_batch_size over the product of factors, which must divide it.
+
+    factors names what one micro-step of all ranks holds, e.g. {"batch_size": 8, "ranks": 2}.
+    """
+    per_micro = math.prod(factors.values())
+    if total_batch_size % per_micro:
+        raise ValueError(
+            f"--total_batch_size {total_batch_size} must be a multiple of {' * '.join(factors)} = "
+            f"{' * '.join(map(str, factors.values()))} = {per_micro}"
+        )
+    return total_batch_size // per_micro
 
 
 def restore_training_state(ckpt: dict, compute: Compute, optimizer: torch.optim.Optimizer, train_loader: Loader) -> int:

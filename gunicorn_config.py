@@ -1,0 +1,33 @@
+"""gunicorn settings for web/app.py:  gunicorn -c gunicorn_config.py web.app:app
+
+Every setting can be overridden from the environment (below) or on the command line
+(`--bind`, `--workers`, `--timeout`, ...). Why each value: ../shared/SERVING.md §1 and §2.
+
+This file runs in gunicorn's master, so it must not import torch: a parallel torch op in the master
+hangs every forked worker (libgomp), and any CUDA call there breaks CUDA in all of them. Each
+worker imports the app, and loads its models, after the fork.
+"""
+
+import os
+
+# gevent workers: thousands of idle or streaming connections per worker; the model runs in a
+# native thread of its own (web/scheduler.py), never on the gevent hub
+worker_class = "gevent"
+# one worker per GPU, or one on a small CPU box: each worker holds its own copy of every model
+workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+bind = os.environ.get("NANOGPT_BIND", "127.0.0.1:8000")  # 0.0.0.0:8000 to listen on every interface
+# no preloading: the app (and torch, and the models) are imported in each worker after fork
+preload_app = False
+# for gevent workers this is a heartbeat deadline, not a request deadline: long streams are fine
+timeout = int(os.environ.get("NANOGPT_TIMEOUT", "30"))
+graceful_timeout = 30
+keepalive = 5  # clients such as LobeChat's server reuse connections between requests
+accesslog = "-"
+errorlog = "-"
+loglevel = os.environ.get("NANOGPT_LOG_LEVEL", "info")
+
+# torch threads per worker, shared out between workers; set here so workers inherit it before they
+# import torch (the engine thread also calls torch.set_num_threads with it: web/app.py)
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+# torch.compile's inductor forks a compile pool, which hangs under gevent's patched threads
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")

@@ -1,0 +1,114 @@
+"""Helpers for the serving tests: models written into a models directory, and a real gunicorn +
+gevent server on a free 127.0.0.1 port that is always stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from conftest import REPO_ROOT
+from model.checkpoint import checkpoint_path, model_state, save_checkpoint
+from model.gpt import GPT, GPTConfig
+from model.prompt import render_messages
+from model.tokenizer import EOT, encode
+from test_hellaswag import free_port
+
+ECHO_PROMPT = "日本語で話して🙂"
+ECHO_REPLY = "日本語のテキスト🙂 and ü, done."  # multi-byte characters split across byte-level tokens
+
+
+def write_model(models_dir: Path, name: str, config: GPTConfig, seed: int = 0, step: int = 1) -> GPT:
+    """A random model as run `name`. Its <|endoftext|> embedding is zero, so greedy decoding never
+    picks it (a logit of 0 against 50k random ones): streams run to max_tokens."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        model.transformer.wte.weight[EOT] = 0
+    save_checkpoint(model_state(model) | {"step": step}, checkpoint_path(models_dir / name, step))
+    return model
+
+
+def write_echo_model(models_dir: Path, name: str) -> None:
+    """A tiny model trained (a few seconds) to answer ECHO_PROMPT with ECHO_REPLY and <|endoftext|>."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64))
+    tokens = encode(render_messages([{"role": "user", "content": ECHO_PROMPT}])) + encode(ECHO_REPLY) + [EOT]
+    x, y = torch.tensor([tokens[:-1]]), torch.tensor([tokens[1:]])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        _, loss = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    save_checkpoint(model_state(model) | {"step": 60}, checkpoint_path(models_dir / name, 60))
+
+
+def write_nan_model(models_dir: Path, name: str) -> None:
+    """A diverged model (NaN weights): sampling from it fails inside the generation step."""
+    model = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32))
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    save_checkpoint(model_state(model) | {"step": 1}, checkpoint_path(models_dir / name, 1))
+
+
+@dataclass
+class Server:
+    url: str  # http://127.0.0.1:PORT
+    log: Path
+    proc: subprocess.Popen
+
+    def get(self, path: str, timeout: float = 10) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def health(self, model: str) -> dict:
+        return self.get("/health")[1]["models"].get(model, {})
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def gunicorn_server(models_dir: Path, log: Path, env: dict | None = None, args: tuple = ()):
+    """gunicorn -c gunicorn_config.py web.app:app on a free port, stopped on exit (the log stays)."""
+    port = free_port()
+    full_env = os.environ | {"NANOGPT_MODELS_DIR": str(models_dir), "OMP_NUM_THREADS": "1"} | (env or {})
+    cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn_config.py", "--bind", f"127.0.0.1:{port}"]
+    cmd += ["--no-control-socket", *args, "web.app:app"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", log, proc)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {proc.returncode}:\n{server.log_text()}")
+            try:
+                if server.get("/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gunicorn did not answer /health in 60 s:\n{server.log_text()}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

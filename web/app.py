@@ -1,0 +1,324 @@
+"""The OpenAI-compatible server: /v1/models, /v1/chat/completions (streaming or not), /health and
+the chat page at /.
+
+    gunicorn -c gunicorn_config.py web.app:app                 # what users run (gevent workers)
+    NANOGPT_API_KEYS=sk-local-1 gunicorn -c gunicorn_config.py web.app:app
+
+The wire format follows ../shared/openai_contract.md point by point; how PyTorch runs inside a
+gevent worker is web/scheduler.py's job (../shared/SERVING.md). A request greenlet only validates,
+renders the prompt, tokenizes, queues the request and turns token ids into text and SSE events;
+every torch call happens in the model's engine thread.
+
+Settings come from the environment (ServerConfig.from_env); tests build apps with create_app().
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+from flask import Flask, Response, jsonify, render_template, request
+from werkzeug.exceptions import HTTPException
+
+from model.text_stream import TextStream
+from model.tokenizer import encode, get_tokenizer
+from web.chat_request import APIError, parse_body, parse_chat_request
+from web.registry import ModelRegistry
+from web.scheduler import KEEPALIVE, EngineError, Overloaded, Request
+
+log = logging.getLogger("gunicorn.error")  # under gunicorn: its error log; elsewhere warnings reach stderr
+
+MAX_TOKEN_BYTES = 128  # GPT-2's longest token: a prompt longer than context × this cannot fit
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What an operator can set; from_env() reads each from NANOGPT_<NAME upper-cased>."""
+
+    models_dir: str = "checkpoints"  # every run directory with a checkpoint in it is a model
+    api_keys: tuple[str, ...] = ()  # accepted Bearer keys; none = no authentication
+    max_rows: int = 16  # requests decoded together per model (KV cache rows)
+    max_waiting: int = 64  # requests queued per model before 503 + Retry-After
+    max_models: int = 2  # models loaded at once in a worker
+    keepalive: float = 5.0  # seconds between ": keepalive" comments on a stream with no new text
+    max_body_bytes: int = 1 << 20  # larger than any prompt that fits a 1024-token context, JSON-escaped
+    torch_threads: int = 0  # per engine thread; 0 = OMP_NUM_THREADS, else every core
+    device: str = ""  # "" = cuda if present, else cpu
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None) -> ServerConfig:
+        environ = os.environ if environ is None else environ
+        values = {}
+        for name, default in vars(cls()).items():
+            raw = environ.get(f"NANOGPT_{name.upper()}")
+            if raw is None:
+                continue
+            if name == "api_keys":
+                values[name] = tuple(k.strip() for k in raw.split(",") if k.strip())
+            else:
+                values[name] = type(default)(raw)
+        return cls(**values)
+
+
+def create_app(config: ServerConfig | None = None) -> Flask:
+    """The Flask app with its own model registry (one per gunicorn worker: built after fork)."""
+    config = config or ServerConfig.from_env()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.url_map.merge_slashes = False  # an API answers, it does not redirect ("//v1" is a 404)
+    threads = config.torch_threads or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    registry = ModelRegistry(
+        config.models_dir, config.max_models, config.max_rows, config.max_waiting, threads, config.device or None
+    )
+    app.extensions["nanogpt_registry"] = registry
+    get_tokenizer()  # built now, at worker start: building it later would stall the hub for a moment
+    if config.api_keys:
+        log.info("API keys required: %d key(s) from NANOGPT_API_KEYS", len(config.api_keys))
+    else:
+        log.warning("NANOGPT_API_KEYS is not set: the API is open to anyone who can reach this address")
+
+    # --- authentication and CORS (browsers: LobeChat's client mode, openai-js)
+
+    @app.before_request
+    def preflight_and_auth():
+        if request.method == "OPTIONS":  # a preflight never carries credentials
+            response = app.response_class(status=204)
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = request.headers.get(
+                "Access-Control-Request-Headers", "Authorization, Content-Type"
+            )
+            response.headers["Access-Control-Max-Age"] = "86400"
+            return response
+        if config.api_keys and request.path.startswith("/v1/"):
+            header = request.headers.get("Authorization", "")
+            key = header[7:].strip() if header[:7].lower() == "bearer " else ""
+            if not any(hmac.compare_digest(key.encode(), k.encode()) for k in config.api_keys):
+                what = "Incorrect API key provided" if key else "Missing API key: send 'Authorization: Bearer <key>'"
+                raise APIError(401, what, code="invalid_api_key")
+        return None
+
+    @app.after_request
+    def cors(response: Response) -> Response:
+        response.headers["Access-Control-Allow-Origin"] = "*"  # also on errors and streams
+        return response
+
+    # --- errors: always OpenAI's JSON object, never an HTML page
+
+    @app.errorhandler(APIError)
+    def api_error(e: APIError):
+        return jsonify(e.body()), e.status, e.headers
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        messages = {
+            404: f"Unknown request URL: {request.method} {request.path}",
+            405: f"Method {request.method} is not allowed for {request.path}",
+            413: f"The request body is larger than {config.max_body_bytes} bytes",
+        }
+        return api_error(APIError(e.code or 500, messages.get(e.code, e.description)))
+
+    @app.errorhandler(Exception)
+    def server_error(e: Exception):
+        log.exception("error handling %s %s", request.method, request.path)
+        return api_error(APIError(500, f"The server had an error processing your request: {type(e).__name__}: {e}"))
+
+    # --- endpoints
+
+    @app.get("/")
+    def chat_page():
+        return render_template("index.html")
+
+    @app.get("/health")
+    def health():
+        models = registry.health()
+        dead = [m for m, h in models.items() if h["state"] == "dead"]
+        return jsonify({"status": "dead" if dead else "ok", "models": models}), 503 if dead else 200
+
+    @app.get("/v1/models")
+    def list_models():
+        return jsonify({"object": "list", "data": [model_object(m) for m in registry.list()]})
+
+    @app.get("/v1/models/<path:model_id>")
+    def get_model(model_id: str):
+        info = registry.find(model_id)
+        if info is None:
+            raise model_not_found(model_id)
+        return jsonify(model_object(info))
+
+    @app.post("/v1/chat/completions")
+    def chat_completions():
+        chat = parse_chat_request(parse_body(request.get_data(cache=False)))
+        info = registry.find(chat.model)
+        if info is None:
+            raise model_not_found(chat.model)
+        try:
+            scheduler = registry.scheduler(info)
+            scheduler.loaded.get()
+        except Overloaded as e:
+            raise overloaded(e) from None
+        except Exception as e:
+            raise APIError(500, f"Model {chat.model!r} could not be loaded from {info.checkpoint}: {e}") from None
+
+        context = scheduler.context_length
+        if len(chat.prompt.encode()) > context * MAX_TOKEN_BYTES:  # cannot fit: spare the hub the encoding
+            raise context_exceeded(context, f"more than {context}")
+        prompt = encode(chat.prompt)
+        if len(prompt) >= context:
+            raise context_exceeded(context, str(len(prompt)))
+        room = context - len(prompt)  # a larger max_tokens is clamped: finish_reason "length" says so
+        params = replace(chat.params, max_tokens=min(chat.max_tokens or room, room))
+        try:
+            req = scheduler.submit(prompt, params)
+        except Overloaded as e:
+            raise overloaded(e) from None
+        except EngineError as e:
+            raise APIError(500, str(e)) from None
+
+        completion = Completion(req, chat.model, params.stop)
+        if chat.stream:
+            return stream_response(completion, chat.include_usage, config.keepalive)
+        try:
+            text = "".join(d for d in completion.deltas(config.keepalive) if d is not KEEPALIVE)
+        except EngineError as e:
+            raise APIError(500, f"Generation failed: {e}") from None
+        finally:
+            req.cancel()
+        return jsonify(
+            {
+                "id": completion.id,
+                "object": "chat.completion",
+                "created": completion.created,
+                "model": chat.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text, "refusal": None},
+                        "logprobs": None,
+                        "finish_reason": completion.finish_reason,
+                    }
+                ],
+                "usage": completion.usage(),
+            }
+        )
+
+    return app
+
+
+class Completion:
+    """One response's text: token ids from the engine through UTF-8 and stop-string handling.
+
+    Streaming and non-streaming responses both read deltas() here, so their text, finish reason
+    and usage are the same by construction."""
+
+    def __init__(self, req: Request, model: str, stop: tuple[str, ...]):
+        self.req, self.model = req, model
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.text = TextStream(stop)
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+
+    def deltas(self, keepalive: float) -> Iterator[str | object]:
+        """Text deltas (never a broken character or part of a stop string), and KEEPALIVE when idle."""
+        for item in self.req.tokens(keepalive):
+            if item is KEEPALIVE:
+                yield item
+                continue
+            self.completion_tokens += 1
+            if delta := self.text.push(item):
+                yield delta
+            if self.text.stopped:  # a stop string: the rest is not wanted, free the row now
+                self.req.cancel()
+                self.finish_reason = "stop"
+                return
+        if rest := self.text.flush():
+            yield rest
+        self.finish_reason = self.req.finish_reason
+        self.completion_tokens = self.req.completion_tokens  # counts a closing <|endoftext|> too
+
+    def usage(self) -> dict:
+        prompt = len(self.req.prompt)
+        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens, "total_tokens": prompt + self.completion_tokens}
+
+    def chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
+
+
+def stream_response(completion: Completion, include_usage: bool, keepalive: float) -> Response:
+    """Server-sent events as OpenAI sends them: role, content deltas, finish, [usage], [DONE].
+
+    A client that hangs up surfaces as GeneratorExit at the next write (a keepalive comment at the
+    latest), and the finally clause frees its row; call_on_close covers a stream never started."""
+    req = completion.req
+    extra = {"usage": None} if include_usage else {}
+
+    def event(obj: dict) -> str:
+        return f"data: {json.dumps(obj)}\n\n"  # ensure_ascii: one ASCII line whatever the text
+
+    def events() -> Iterator[str]:
+        try:
+            yield event(completion.chunk({"role": "assistant", "content": ""}) | extra)
+            for delta in completion.deltas(keepalive):
+                yield ": keepalive\n\n" if delta is KEEPALIVE else event(completion.chunk({"content": delta}) | extra)
+            yield event(completion.chunk({}, completion.finish_reason) | extra)
+            if include_usage:
+                yield event(completion.chunk({}) | {"choices": [], "usage": completion.usage()})
+            yield "data: [DONE]\n\n"
+        except EngineError as e:  # headers are sent: the error goes in the stream, and it ends
+            yield event(APIError(500, f"Generation failed: {e}").body())
+        finally:
+            req.cancel()
+
+    response = Response(events(), mimetype="text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
+    response.call_on_close(req.cancel)
+    return response
+
+
+def model_object(info) -> dict:
+    return {"id": info.id, "object": "model", "created": info.created, "owned_by": "nanogpt-instruct"}
+
+
+def model_not_found(model_id: str) -> APIError:
+    return APIError(
+        404,
+        f"The model {model_id!r} does not exist: GET /v1/models lists the run directories being served",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def context_exceeded(context: int, needed: str) -> APIError:
+    return APIError(
+        400,
+        f"This model's maximum context length is {context} tokens, and your messages need {needed}: "
+        "shorten them (earlier turns are not dropped for you)",
+        param="messages",
+        code="context_length_exceeded",
+    )
+
+
+def overloaded(e: Exception) -> APIError:
+    return APIError(503, f"The server is overloaded ({e}): retry shortly", code="overloaded", headers={"Retry-After": "1"})
+
+
+def __getattr__(name: str):
+    """`web.app:app` for gunicorn, made on first use: importing this module (tests, create_app
+    users) builds nothing."""
+    if name == "app":
+        globals()["app"] = create_app()
+        return globals()["app"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

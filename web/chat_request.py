@@ -1,0 +1,181 @@
+"""Reading an OpenAI chat completion request: every field checked before anything is generated.
+
+The rule (../shared/openai_contract.md §4): hints may be ignored, but a parameter that changes the
+shape of the response is honoured or refused with 400, never silently ignored. Unknown fields are
+ignored and an explicit null means the default, as OpenAI's own API does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from model.engine import SamplingParams
+from model.prompt import render_messages
+
+MAX_STOP_STRINGS = 4
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's JSON error object with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A validated request. max_tokens is None when not given: the rest of the context."""
+
+    model: str
+    prompt: str  # the messages rendered with the prompt template (model/prompt.py)
+    params: SamplingParams
+    max_tokens: int | None
+    stream: bool
+    include_usage: bool
+
+
+def parse_body(data: bytes) -> dict:
+    """The request body as a JSON object, or 400."""
+    try:
+        body = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise invalid(f"We could not parse the JSON body of your request: {e}") from None
+    if not isinstance(body, dict):
+        raise invalid(f"The request body must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+def parse_chat_request(body: dict) -> ChatRequest:
+    """Check every field of a /v1/chat/completions body; raises APIError(400) naming the bad one."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("'model' is required: one of the ids GET /v1/models lists", "model")
+
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("'messages' must be a non-empty array of message objects", "messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise invalid(f"messages[{i}] must be an object with 'role' and 'content'", "messages")
+    try:
+        prompt = render_messages(messages)
+    except ValueError as e:
+        raise invalid(str(e), "messages") from None
+
+    max_tokens = _integer(body, "max_tokens", 1)
+    if body.get("max_completion_tokens") is not None:  # the newer name wins (newer SDKs send only it)
+        max_tokens = _integer(body, "max_completion_tokens", 1)
+
+    _refuse_unsupported(body)
+    stream = _boolean(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise invalid("'stream_options' must be an object", "stream_options")
+    include_usage = stream and options is not None and _boolean(options, "include_usage", "stream_options.include_usage")
+
+    params = SamplingParams(
+        temperature=_number(body, "temperature", 0.0, 2.0, 1.0),
+        top_p=_number(body, "top_p", 0.0, 1.0, 1.0),
+        top_k=_integer(body, "top_k", 0) or 0,  # not OpenAI's, but many clients send it
+        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, 0.0),
+        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
+        seed=_seed(body),
+        stop=_stop(body),
+    )
+    return ChatRequest(model, prompt, params, max_tokens, stream, include_usage)
+
+
+def _refuse_unsupported(body: dict) -> None:
+    """Parameters that would change the response's shape, which this server does not do."""
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise invalid("'n' must be an integer >= 1", "n")
+    if n is not None and n > 1:
+        raise invalid("Only n=1 is supported: send n requests for n choices", "n")
+    if body.get("logprobs") not in (None, False):
+        raise invalid("logprobs are not supported by this server", "logprobs")
+    if body.get("top_logprobs") not in (None, 0):
+        raise invalid("top_logprobs are not supported by this server", "top_logprobs")
+    response_format = body.get("response_format")
+    if response_format is not None:
+        if not isinstance(response_format, dict) or "type" not in response_format:
+            raise invalid("'response_format' must be an object with a 'type'", "response_format")
+        if response_format["type"] != "text":
+            raise invalid(
+                f"response_format type {response_format['type']!r} is not supported: this model's output is "
+                "not constrained to JSON (use 'text')",
+                "response_format",
+            )
+    tool_choice = body.get("tool_choice")
+    if tool_choice not in (None, "auto", "none"):
+        raise invalid("This model cannot call tools: tool_choice must be 'auto' or 'none'", "tool_choice")
+
+
+def _number(body: dict, name: str, low: float, high: float, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise invalid(f"'{name}' must be a number between {low:g} and {high:g}", name)
+    if not low <= value <= high:  # NaN fails this too
+        raise invalid(f"'{name}' must be between {low:g} and {high:g}, got {value}", name)
+    return float(value)
+
+
+def _integer(body: dict, name: str, low: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise invalid(f"'{name}' must be an integer >= {low}, got {value!r}", name)
+    return value
+
+
+def _boolean(body: dict, name: str, param: str | None = None) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise invalid(f"'{param or name}' must be true or false", param or name)
+    return value
+
+
+def _seed(body: dict) -> int | None:
+    seed = body.get("seed")
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise invalid("'seed' must be an integer", "seed")
+    return seed % 2**64  # torch generators take 64-bit seeds; OpenAI's are signed
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise invalid("'stop' must be a string or an array of strings", "stop")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise invalid(f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", "stop")
+    return tuple(s for s in stop if s)  # an empty string would stop before the first token

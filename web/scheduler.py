@@ -1,0 +1,271 @@
+"""One loaded model in a gevent worker: its engine, the native thread that runs it, and the
+scheduler greenlet that batches every request for it (design: ../shared/SERVING.md, §3 and §6).
+
+    request greenlets ──submit()──▶ waiting (FIFO) ──▶ scheduler greenlet ──pool.apply(step)──▶ engine thread
+           ▲                                                 │
+           └──────────── Request.tokens(): token ids ◀───────┘
+
+Torch never runs on the gevent hub: a forward pass there would freeze every connection of the
+worker, /health and gunicorn's heartbeat included. Every torch call goes through `self.pool`, a
+gevent ThreadPool of one long-lived native thread that owns the model and its KV cache (one thread
+also keeps torch's per-thread state, such as inference mode and the thread count, in one place).
+Torch ops release the GIL, so the hub keeps serving while a step runs.
+
+Everything else (the waiting queue, which request owns which sequence, cancellation flags) lives
+on the hub thread only, so nothing needs a lock: the thread runs one step at a time, and the hub
+reads what the step did after `pool.apply` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import gevent
+import gevent.event
+import torch
+from gevent.threadpool import ThreadPool
+
+from model.engine import Engine, SamplingParams, Sequence
+from model.gpt import GPT
+
+log = logging.getLogger("gunicorn.error")  # under gunicorn: its error log
+
+KEEPALIVE = object()  # what Request.tokens() yields when no token came within its timeout
+
+
+class Overloaded(Exception):
+    """Too many requests are already waiting for this model: answer 503 with Retry-After."""
+
+
+class EngineError(Exception):
+    """A generation step failed; the message says why. The requests of that step are ended with it."""
+
+
+class Request:
+    """One completion as the request greenlet sees it: token ids arrive, a flag cancels it."""
+
+    def __init__(self, scheduler: Scheduler, prompt: list[int], params: SamplingParams):
+        self.scheduler, self.prompt, self.params = scheduler, prompt, params
+        self.seq: Sequence | None = None  # set once the engine has started it
+        self.finish_reason: str | None = None  # "stop" or "length", from the engine
+        self.completion_tokens = 0  # tokens the engine generated for it (a closing <|endoftext|> included)
+        self.error: str | None = None
+        self.cancelled = False
+        self._pending: deque[int] = deque()
+        self._delivered = 0  # tokens of seq.output already in _pending
+        self._ready = gevent.event.Event()
+
+    def tokens(self, timeout: float) -> Iterator[int | object]:
+        """Token ids as they are generated, and KEEPALIVE after each `timeout` seconds without one
+        (so a streaming view can write a comment and notice a client that left). Ends when the
+        engine finishes the request; raises EngineError if its step failed."""
+        while True:
+            while self._pending:
+                yield self._pending.popleft()
+            if self.error is not None:
+                raise EngineError(self.error)
+            if self.finish_reason is not None:
+                return
+            self._ready.clear()
+            if not self._ready.wait(timeout):
+                yield KEEPALIVE
+
+    def cancel(self) -> None:
+        """Stop generating (client gone, or a stop string matched): its row is freed before the next step."""
+        if not self.cancelled and self.finish_reason is None and self.error is None:
+            self.cancelled = True
+            self.scheduler.wake()
+
+    def _deliver(self) -> None:
+        """Hand over what the last step generated (called by the scheduler after each step)."""
+        seq = self.seq
+        self._pending.extend(seq.output[self._delivered :])  # a closing <|endoftext|> is never in output
+        self._delivered = len(seq.output)
+        self.completion_tokens = seq.sampled
+        self.finish_reason = seq.finish_reason
+        self._ready.set()
+
+    def _fail(self, message: str) -> None:
+        self.error = message
+        self._ready.set()
+
+
+@dataclass
+class Stats:
+    """Counters for /health and the load benchmark."""
+
+    completed: int = 0  # requests the engine finished (stop or length)
+    cancelled: int = 0  # requests that left early (client gone, stop string)
+    failed: int = 0  # requests ended by a failed step
+    tokens: int = 0  # tokens generated, all requests together
+    peak_active: int = 0  # the largest batch so far
+
+
+class Scheduler:
+    """Continuous batching for one model: admit FIFO, prefill within a token budget, then one
+    batched decode step for all active requests, over and over while there is work."""
+
+    def __init__(
+        self,
+        load: Callable[[], GPT],
+        max_rows: int = 16,
+        max_waiting: int = 64,
+        torch_threads: int | None = None,
+    ):
+        """`load` builds the model; it runs in the engine thread, like everything torch."""
+        self.max_rows, self.max_waiting = max_rows, max_waiting
+        self.pool = ThreadPool(1)
+        self.engine: Engine | None = None
+        self.waiting: deque[Request] = deque()
+        self.active: dict[Sequence, Request] = {}
+        self.admitting: list[Request] = []  # taken from waiting for the step that is running
+        self.stats = Stats()
+        self.dead: str | None = None  # why the scheduler loop stopped, if it ever does
+        self._wake = gevent.event.Event()
+        self._load, self._torch_threads = load, torch_threads
+        self.loaded = gevent.event.AsyncResult()  # the model (or the exception that loading raised)
+        self._greenlet = gevent.spawn(self._run)
+
+    # --- used by request greenlets (hub thread)
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.max_len
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> Request:
+        """Queue a request; raises Overloaded when max_waiting requests are already queued."""
+        if self.dead is not None:
+            raise EngineError(f"the model's scheduler stopped: {self.dead}")
+        if len(self.waiting) >= self.max_waiting:
+            raise Overloaded(f"{len(self.waiting)} requests are already waiting for this model")
+        req = Request(self, prompt, params)
+        self.waiting.append(req)
+        self.wake()
+        return req
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def busy(self) -> bool:
+        """Loading, or requests running or waiting: not to be evicted."""
+        return not self.loaded.ready() or bool(self.waiting or self.active or self.admitting)
+
+    @property
+    def state(self) -> str:
+        """loading, ready, failed (the checkpoint did not load) or dead (the loop stopped)."""
+        if not self.loaded.ready():
+            return "loading"
+        if not self.loaded.successful():
+            return "failed"
+        return "dead" if self.dead else "ready"
+
+    def close(self) -> None:
+        """Stop the loop and the thread (the model cache evicts only idle schedulers)."""
+        self._greenlet.kill(block=False)
+        self.pool.kill()
+
+    # --- the loop (a greenlet on the hub) and its steps (in the engine thread)
+
+    def _run(self) -> None:
+        try:
+            self.engine = self.pool.apply(self._start_engine)
+        except Exception as e:  # a bad checkpoint: every request for this model gets the reason
+            self.loaded.set_exception(e)
+            self.dead = f"loading failed: {e}"
+            return
+        self.loaded.set(self.engine.model)
+        try:
+            while True:
+                self._step()
+        except gevent.GreenletExit:
+            raise
+        except BaseException as e:  # a bug in the loop itself: fail everyone, /health reports it
+            self.dead = f"{type(e).__name__}: {e}"
+            for req in list(self.active.values()) + self.admitting + list(self.waiting):
+                req._fail(self.dead)
+            raise
+
+    def _start_engine(self) -> Engine:
+        if self._torch_threads:
+            torch.set_num_threads(self._torch_threads)  # per thread: MKL ignores the main thread's setting
+        return Engine(self._load(), max_rows=self.max_rows)
+
+    def _step(self) -> None:
+        cancelled = self._take_cancelled()
+        if not (self.waiting or self.active or cancelled):
+            self._wake.clear()  # no greenlet switch between the check above and this: no lost wake-up
+            self._wake.wait()
+            return
+        # taken out of the queue for the step, so that they never count against max_waiting
+        free = self.max_rows - len(self.active)
+        self.admitting = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+        try:
+            started = self.pool.apply(
+                self._engine_step, (cancelled, [(r.prompt, r.params) for r in self.admitting])
+            )
+        except Exception as e:
+            self._fail_all(self.admitting, f"{type(e).__name__}: {e}")
+            return
+        finally:
+            admitted, self.admitting = self.admitting, []
+        for req, seq in zip(admitted, started):
+            req.seq = seq
+            self.active[seq] = req
+        self.waiting.extendleft(reversed(admitted[len(started) :]))  # no room this step: first in line again
+        self.stats.peak_active = max(self.stats.peak_active, len(self.active))
+        for seq, req in list(self.active.items()):
+            before = req.completion_tokens
+            req._deliver()
+            self.stats.tokens += req.completion_tokens - before
+            if req.finish_reason is not None:
+                del self.active[seq]
+                self.stats.completed += 1
+
+    def _take_cancelled(self) -> list[Sequence]:
+        """Forget cancelled requests; returns the sequences the engine must release."""
+        gone = [req for req in self.waiting if req.cancelled]
+        for req in gone:
+            self.waiting.remove(req)
+        cancelled = [seq for seq, req in self.active.items() if req.cancelled]
+        for seq in cancelled:
+            del self.active[seq]
+        self.stats.cancelled += len(gone) + len(cancelled)
+        return cancelled
+
+    @torch.inference_mode()
+    def _engine_step(self, cancelled: list[Sequence], candidates: list[tuple[list[int], SamplingParams]]) -> list[Sequence]:
+        """Release cancelled rows; start and prefill new requests within one chunk's worth of prompt
+        tokens (a long prompt is fed over several steps, so the others keep streaming); then one
+        decode step for every decoding row. Returns the sequences started, in candidates' order."""
+        engine = self.engine
+        for seq in cancelled:
+            engine.release(seq)
+        started: list[Sequence] = []
+        budget = engine.prefill_chunk
+        while budget > 0:
+            if engine.prefilling is None:
+                if len(started) == len(candidates) or not engine.has_room():
+                    break
+                started.append(engine.start(*candidates[len(started)]))
+            seq = engine.prefilling
+            budget -= min(engine.prefill_chunk, len(seq.prompt) - seq.cached)
+            engine.prefill_step()
+        engine.decode_step()
+        return started
+
+    def _fail_all(self, admitting: list[Request], message: str) -> None:
+        """A step raised: its requests end with the error, the engine is emptied, the loop goes on."""
+        log.error("generation step failed, ending %d request(s): %s", len(self.active) + len(admitting), message)
+        for req in list(self.active.values()) + admitting:
+            req._fail(message)
+        self.stats.failed += len(self.active) + len(admitting)
+        self.active.clear()
+        self.pool.apply(self._empty_engine)
+
+    def _empty_engine(self) -> None:
+        engine = self.engine
+        for seq in list(engine.rows) + ([engine.prefilling] if engine.prefilling else []):
+            engine.release(seq)

@@ -150,8 +150,9 @@ class Scheduler:
         self._wake.set()
 
     def busy(self) -> bool:
-        """Loading, or requests running or waiting: not to be evicted."""
-        return not self.loaded.ready() or bool(self.waiting or self.active or self.admitting)
+        """Loading, or requests running or waiting that are not cancelled: not to be evicted."""
+        requests = [*self.waiting, *self.admitting, *self.active.values()]
+        return not self.loaded.ready() or any(not r.cancelled for r in requests)
 
     @property
     def state(self) -> str:

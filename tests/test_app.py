@@ -1,0 +1,152 @@
+"""web/app.py in-process (Flask's test client, gevent without monkey-patching): the model cache,
+loading, failures inside a step, and torch's thread state. The wire contract itself is tested
+against real gunicorn in test_serving.py."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import gevent
+import pytest
+import torch
+
+import web.registry
+from model.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
+from model.engine import Engine, SamplingParams, generate
+from model.gpt import GPTConfig
+from model.prompt import render_messages
+from model.tokenizer import encode
+from serving import write_model
+from web.app import ServerConfig, create_app
+
+SMALL = GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32)
+HI = [{"role": "user", "content": "Say hi."}]
+
+
+def make_client(models_dir, **config):
+    return create_app(ServerConfig(models_dir=str(models_dir), **config)).test_client()
+
+
+def chat(client, model: str, **kw) -> tuple[int, dict]:
+    response = client.post("/v1/chat/completions", json={"model": model, "messages": HI, "temperature": 0, "max_tokens": 12} | kw)
+    return response.status_code, response.get_json()
+
+
+def sse_data(body: bytes) -> list:
+    return [line[6:] for line in body.decode().split("\n") if line.startswith("data: ")]
+
+
+def test_config_from_env():
+    config = ServerConfig.from_env(
+        {"NANOGPT_MODELS_DIR": "runs", "NANOGPT_API_KEYS": " a , b,,", "NANOGPT_MAX_ROWS": "4", "NANOGPT_KEEPALIVE": "0.5"}
+    )
+    assert (config.models_dir, config.api_keys, config.max_rows, config.keepalive) == ("runs", ("a", "b"), 4, 0.5)
+    assert ServerConfig.from_env({}) == ServerConfig()
+
+
+def test_a_new_checkpoint_is_served_on_the_next_request(tmp_path):
+    write_model(tmp_path, "run", SMALL, seed=0, step=1)
+    client = make_client(tmp_path)
+    status, first = chat(client, "run")
+    assert status == 200
+    write_model(tmp_path, "run", SMALL, seed=1, step=2)
+    status, second = chat(client, "run")
+    model = model_from_checkpoint(load_checkpoint(checkpoint_path(tmp_path / "run", 2))).eval()
+    expected = "".join(generate(model, encode(render_messages(HI)), SamplingParams(temperature=0, max_tokens=12)))
+    assert second["choices"][0]["message"]["content"] == expected != first["choices"][0]["message"]["content"]
+    health = client.get("/health").get_json()["models"]
+    assert health["run"]["checkpoint"].endswith("step_000002.pt")
+
+
+def test_a_checkpoint_holding_code_is_refused_and_others_still_serve(tmp_path):
+    write_model(tmp_path, "good", SMALL)
+    bad = write_model(tmp_path, "bad", SMALL)
+    path = checkpoint_path(tmp_path / "bad", 1)
+    torch.save({"model": bad.state_dict(), "config": SMALL, "step": 1}, path)  # a pickled dataclass
+    client = make_client(tmp_path)
+    status, body = chat(client, "bad")
+    assert status == 500 and body["error"]["type"] == "server_error"
+    assert str(path) in body["error"]["message"] and "plain data" in body["error"]["message"]
+    assert chat(client, "good")[0] == 200
+    assert client.get("/health").get_json()["models"]["bad"]["state"] == "failed"
+
+
+def test_concurrent_requests_for_one_model_load_it_once(tmp_path, monkeypatch):
+    write_model(tmp_path, "run", SMALL)
+    loads = []
+    real = web.registry.load_for_serving
+    monkeypatch.setattr(web.registry, "load_for_serving", lambda *a: loads.append(a) or real(*a))
+    client = make_client(tmp_path)
+    jobs = [gevent.spawn(chat, client, "run") for _ in range(3)]
+    gevent.joinall(jobs, raise_error=True)
+    assert [job.value[0] for job in jobs] == [200, 200, 200] and len(loads) == 1
+
+
+def test_model_cache_is_bounded_and_never_evicts_a_busy_model(tmp_path):
+    for name, seed in [("a", 0), ("b", 1)]:
+        write_model(tmp_path, name, SMALL, seed=seed)
+    client = make_client(tmp_path, max_models=1)
+    assert chat(client, "a")[0] == 200
+    assert chat(client, "b")[0] == 200  # a was idle: evicted
+    assert list(client.get("/health").get_json()["models"]) == ["b"]
+    stream = client.post("/v1/chat/completions", json={"model": "b", "messages": HI, "stream": True, "max_tokens": 100})
+    chunks = stream.response  # a generator: the request stays open until closed
+    next(chunks)
+    status, body = chat(client, "a")
+    assert status == 503 and body["error"]["code"] == "overloaded"
+    stream.close()  # what a disconnect does: the request is cancelled
+    assert chat(client, "a")[0] == 200
+
+
+def test_a_failed_decode_step_ends_its_requests_and_the_next_is_served(tmp_path, monkeypatch):
+    write_model(tmp_path, "run", SMALL)
+    client = make_client(tmp_path)
+    calls = {"n": 0}
+    real = Engine.decode_step
+
+    def failing_decode_step(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated failure")
+        return real(self)
+
+    monkeypatch.setattr(Engine, "decode_step", failing_decode_step)
+    body = {"model": "run", "messages": HI, "stream": True, "max_tokens": 20}
+    events = sse_data(client.post("/v1/chat/completions", json=body).get_data())
+    assert json.loads(events[-1])["error"]["message"] == "Generation failed: RuntimeError: simulated failure"
+    assert "[DONE]" not in events
+    status, reply = chat(client, "run")
+    assert status == 200 and reply["usage"]["completion_tokens"] == 12
+    assert client.get("/health").get_json()["models"]["run"]["failed"] == 1
+
+
+def test_torch_state_of_the_serving_thread_is_untouched(tmp_path):
+    write_model(tmp_path, "run", SMALL)
+    client = make_client(tmp_path)
+    assert chat(client, "run")[0] == 200
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+def test_models_dir_listing(tmp_path):
+    write_model(tmp_path, "b-run", SMALL)
+    write_model(tmp_path, "a-run", SMALL)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not a run")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "step_000001.pt").write_bytes(b"truncated")
+    client = make_client(tmp_path)
+    assert [m["id"] for m in client.get("/v1/models").get_json()["data"]] == ["a-run", "b-run"]
+    assert make_client(tmp_path / "missing").get("/v1/models").get_json() == {"object": "list", "data": []}
+
+
+def test_model_config_is_plain_data(tmp_path):
+    """The checkpoint the server reads stores the config as a dict (weights_only-safe)."""
+    write_model(tmp_path, "run", SMALL)
+    assert load_checkpoint(checkpoint_path(tmp_path / "run", 1))["config"] == asdict(SMALL)
+
+
+@pytest.mark.parametrize("page", ["/", "/static/chat.js", "/static/chat.css"])
+def test_chat_page_is_served(tmp_path, page):
+    response = make_client(tmp_path).get(page)
+    assert response.status_code == 200 and response.data

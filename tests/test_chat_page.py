@@ -1,0 +1,127 @@
+"""The chat page in headless Chromium (Debian's chromium + chromium-driver, which .ci/run installs),
+against a real gunicorn server with an API key. The screenshot is kept as an artifact:
+artifacts/chat_page.png, or under $NANOGPT_ARTIFACTS."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+from model.gpt import GPTConfig
+from serving import gunicorn_server, write_model
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+    if os.environ.get("CI") == "true":
+        raise RuntimeError(f"CI needs {CHROMIUM} and {CHROMEDRIVER}: .ci/run installs chromium and chromium-driver")
+    pytest.skip("no Chromium: apt-get install chromium chromium-driver to run the browser test", allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+KEY = "sk-page"
+WAIT = 30
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    write_model(models, "tiny", GPTConfig(block_size=1024, n_layer=2, n_head=2, n_embd=64))
+    with gunicorn_server(models, tmp_path_factory.mktemp("logs") / "gunicorn.log", {"NANOGPT_API_KEYS": KEY}) as s:
+        yield s
+
+
+@pytest.fixture
+def browser(tmp_path):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in [
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1100,800",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]:
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def until(driver, condition, what: str):
+    return WebDriverWait(driver, WAIT).until(lambda d: condition(d), message=what)
+
+
+def assistant_texts(driver) -> list[str]:
+    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#messages .message.assistant")]
+
+
+def send(driver, text: str, max_tokens: int) -> None:
+    field = driver.find_element(By.ID, "max-tokens")
+    field.clear()
+    field.send_keys(str(max_tokens))
+    driver.find_element(By.ID, "prompt").send_keys(text)
+    driver.find_element(By.ID, "send").click()
+
+
+def test_chat_page(server, browser):
+    browser.get(server.url + "/")
+    key = browser.find_element(By.ID, "api-key")
+    key.send_keys(KEY)
+    browser.find_element(By.ID, "refresh").click()
+    until(browser, lambda d: [o.text for o in Select(d.find_element(By.ID, "model")).options] == ["tiny"], "model list")
+    Select(browser.find_element(By.ID, "model")).select_by_value("tiny")
+
+    # a long answer streams in, and Stop ends it mid-stream, on the page and on the server
+    send(browser, "Tell me a long story.", 1000)
+    until(browser, lambda d: len(assistant_texts(d)) == 1 and len(assistant_texts(d)[0]) > 20, "streamed text")
+    assert browser.find_element(By.ID, "stop").is_enabled()  # still streaming
+    browser.find_element(By.ID, "stop").click()
+    until(browser, lambda d: "stopped" in d.find_element(By.CSS_SELECTOR, ".message.assistant").get_attribute("class"), "stopped")
+    stopped_text = assistant_texts(browser)[0]
+    deadline = time.monotonic() + 10
+    while (h := server.health("tiny"))["active"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert h["active"] == 0 and h["cancelled"] == 1 and h["completed"] == 0
+    assert assistant_texts(browser)[0] == stopped_text  # nothing more arrived
+
+    # a second turn completes; the page keeps the conversation
+    send(browser, "And a short one?", 8)
+    until(browser, lambda d: d.find_element(By.ID, "send").is_enabled() and len(assistant_texts(d)) == 2, "second answer")
+    assert assistant_texts(browser)[1] and server.health("tiny")["completed"] == 1
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#messages .message")) == 4
+
+    artifacts = Path(os.environ.get("NANOGPT_ARTIFACTS", REPO_ROOT / "artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(artifacts / "chat_page.png"))
+    print(f"screenshot: {artifacts / 'chat_page.png'}")
+
+    # a wrong key: the 401's message is shown
+    key.clear()
+    key.send_keys("sk-wrong")
+    browser.find_element(By.ID, "refresh").click()
+    until(browser, lambda d: d.find_element(By.ID, "error").is_displayed(), "error shown")
+    assert "401" in browser.find_element(By.ID, "error").text and "API key" in browser.find_element(By.ID, "error").text
+    send(browser, "Hello?", 8)
+    until(browser, lambda d: d.find_element(By.ID, "send").is_enabled(), "send re-enabled")
+    assert "Incorrect API key" in browser.find_element(By.ID, "error").text
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#messages .message")) == 4  # the failed turn is not kept
+
+
+def test_server_down_is_reported(server, browser):
+    """Last in this module: it stops the server."""
+    browser.get(server.url + "/")
+    browser.find_element(By.ID, "api-key").send_keys(KEY)
+    browser.find_element(By.ID, "refresh").click()
+    until(browser, lambda d: len(Select(d.find_element(By.ID, "model")).options) == 1, "model list")
+    server.proc.terminate()
+    server.proc.wait(timeout=30)
+    send(browser, "Anyone there?", 8)
+    until(browser, lambda d: "unreachable" in d.find_element(By.ID, "error").text, "server down message")
+

@@ -1,0 +1,152 @@
+// The chat page: talks to this server's public /v1 API only, exactly as any OpenAI client would.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const history = [];          // the conversation, as OpenAI messages; sent in full every turn
+let controller = null;       // the AbortController of the stream in flight (the Stop button)
+
+$("api-key").value = localStorage.getItem("nanogpt-api-key") || "";
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api-key").value.trim();
+  if (key) h["Authorization"] = `Bearer ${key}`;
+  return h;
+}
+
+function showError(text) {
+  $("error").textContent = text;
+  $("error").hidden = !text;
+}
+
+// An HTTP error's message: the server always answers with OpenAI's {"error": {"message": ...}}.
+async function httpError(response) {
+  let message = response.statusText;
+  try { message = (await response.json()).error.message || message; } catch (_) { /* not JSON */ }
+  return `${response.status}: ${message}`;
+}
+
+function networkError(err) {
+  return `The server is unreachable (${err.message}). Is it running?`;
+}
+
+async function loadModels() {
+  showError("");
+  const select = $("model");
+  const chosen = select.value;
+  try {
+    const response = await fetch("/v1/models", { headers: headers() });
+    if (!response.ok) return showError(await httpError(response));
+    const models = (await response.json()).data;
+    select.replaceChildren(...models.map((m) => new Option(m.id, m.id)));
+    if (models.some((m) => m.id === chosen)) select.value = chosen;
+    if (!models.length) showError("No models: the server's models directory has no run with a checkpoint.");
+  } catch (err) {
+    showError(networkError(err));
+  }
+}
+
+function addMessage(role, text) {
+  const div = document.createElement("div");
+  div.className = `message ${role}`;
+  div.textContent = text;  // never innerHTML: model text is not markup
+  $("messages").append(div);
+  div.scrollIntoView({ block: "end" });
+  return div;
+}
+
+function setStreaming(on) {
+  $("send").disabled = on;
+  $("stop").disabled = !on;
+}
+
+// Reads server-sent events: blank-line separated, "data: ..." lines, ":" comments (keepalives).
+async function* sseData(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });  // stream: a character may span two reads
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      for (const line of event.split("\n")) {
+        if (line.startsWith("data: ")) yield line.slice(6);
+      }
+    }
+  }
+}
+
+async function send(text) {
+  showError("");
+  const system = $("system").value.trim();
+  history.push({ role: "user", content: text });
+  addMessage("user", text);
+  const bubble = addMessage("assistant", "");
+  bubble.classList.add("streaming");
+  const body = {
+    model: $("model").value,
+    messages: (system ? [{ role: "system", content: system }] : []).concat(history),
+    temperature: Number($("temperature").value),
+    top_p: Number($("top-p").value),
+    max_tokens: Number($("max-tokens").value),
+    stream: true,
+  };
+  controller = new AbortController();
+  setStreaming(true);
+  try {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
+    });
+    if (!response.ok) {
+      showError(await httpError(response));
+      history.pop();  // the turn never happened: the user can send it again
+      bubble.previousSibling.remove();
+      bubble.remove();
+      return;
+    }
+    for await (const data of sseData(response)) {
+      if (data === "[DONE]") break;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new Error(chunk.error.message);
+      const delta = chunk.choices.length ? chunk.choices[0].delta.content : "";
+      if (delta) bubble.textContent += delta;
+    }
+  } catch (err) {
+    if (err.name === "AbortError") bubble.classList.add("stopped");
+    else showError(err instanceof TypeError ? networkError(err) : `Generation failed: ${err.message}`);
+  } finally {
+    bubble.classList.remove("streaming");
+    if (bubble.isConnected) history.push({ role: "assistant", content: bubble.textContent });  // stopped ones too
+    controller = null;
+    setStreaming(false);
+  }
+}
+
+$("composer").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const text = $("prompt").value;
+  if (!text.trim() || controller) return;
+  if (!$("model").value) return showError("Pick a model first (↻ reloads the list).");
+  $("prompt").value = "";
+  send(text);
+});
+$("prompt").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
+});
+$("stop").addEventListener("click", () => controller && controller.abort());
+$("new-chat").addEventListener("click", () => {
+  if (controller) controller.abort();
+  history.length = 0;
+  $("messages").replaceChildren();
+  showError("");
+});
+$("refresh").addEventListener("click", loadModels);
+$("api-key").addEventListener("change", () => {
+  localStorage.setItem("nanogpt-api-key", $("api-key").value.trim());
+  loadModels();
+});
+loadModels();

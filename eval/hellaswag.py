@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         path = fetch_data(args.data, args.url, args.cache_dir, compute)
         examples = load_examples(path)[: args.limit or None]
         model, source = load_pretrained(args.checkpoint, args.init_from)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # OSError: also the Hub out of reach for --init_from
         compute.print0(f"error: {e}", file=sys.stderr)
         cleanup(compute)
         return 2

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         val_loader = InstructionLoader(args.data_dir, "val", args.batch_size, compute.rank, compute.world_size,
                                        shuffle=False, block_size=block)
         hellaswag = hellaswag_evaluation(args, compute)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # OSError: also the Hub out of reach for --init_from
         compute.print0(f"error: {e}", file=sys.stderr)
         cleanup(compute)
         return 2

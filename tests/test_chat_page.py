@@ -23,6 +23,7 @@ if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 KEY = "sk-page"
@@ -43,10 +44,11 @@ def browser(tmp_path):
     options.binary_location = CHROMIUM
     for arg in [
         "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1100,800",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1280,900",
         f"--user-data-dir={tmp_path / 'profile'}",
     ]:
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, for get_log
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
         yield driver
@@ -62,40 +64,76 @@ def assistant_texts(driver) -> list[str]:
     return [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#messages .message.assistant")]
 
 
-def send(driver, text: str, max_tokens: int) -> None:
+def send(driver, text: str, max_tokens: int, enter: bool = False) -> None:
     field = driver.find_element(By.ID, "max-tokens")
     field.clear()
     field.send_keys(str(max_tokens))
     driver.find_element(By.ID, "prompt").send_keys(text)
-    driver.find_element(By.ID, "send").click()
+    if enter:
+        driver.find_element(By.ID, "prompt").send_keys(Keys.ENTER)
+    else:
+        driver.find_element(By.ID, "send").click()
+
+
+# Keeps a copy of every JSON body the page sends, to check what a turn carried.
+RECORD_BODIES = """
+const original = window.fetch;
+window.sentBodies = [];
+window.fetch = (url, options) => {
+  if (options && options.body) window.sentBodies.push(JSON.parse(options.body));
+  return original(url, options);
+};
+"""
+
+
+def console_errors(driver) -> list[str]:
+    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
 
 def test_chat_page(server, browser):
     browser.get(server.url + "/")
+    # no key yet: the first model list is refused, and the page says why
+    until(browser, lambda d: "Missing API key" in d.find_element(By.ID, "error").text, "missing key message")
+    assert [e for e in console_errors(browser) if "401" not in e] == []
     key = browser.find_element(By.ID, "api-key")
     key.send_keys(KEY)
     browser.find_element(By.ID, "refresh").click()
     until(browser, lambda d: [o.text for o in Select(d.find_element(By.ID, "model")).options] == ["tiny"], "model list")
+    assert not browser.find_element(By.ID, "error").is_displayed()
     Select(browser.find_element(By.ID, "model")).select_by_value("tiny")
+    browser.execute_script(RECORD_BODIES)
 
     # a long answer streams in, and Stop ends it mid-stream, on the page and on the server
     send(browser, "Tell me a long story.", 1000)
     until(browser, lambda d: len(assistant_texts(d)) == 1 and len(assistant_texts(d)[0]) > 20, "streamed text")
-    assert browser.find_element(By.ID, "stop").is_enabled()  # still streaming
+    assert browser.find_element(By.ID, "stop").is_enabled()  # still streaming on the page...
+    assert server.health("tiny")["active"] == 1  # ...and on the server: 1000 tokens take seconds
     browser.find_element(By.ID, "stop").click()
     until(browser, lambda d: "stopped" in d.find_element(By.CSS_SELECTOR, ".message.assistant").get_attribute("class"), "stopped")
     stopped_text = assistant_texts(browser)[0]
     deadline = time.monotonic() + 10
     while (h := server.health("tiny"))["active"] and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert h["active"] == 0 and h["cancelled"] == 1 and h["completed"] == 0
+    assert h["active"] == 0 and h["cancelled"] == 1 and h["completed"] == 0  # the abort freed the row
+    time.sleep(0.5)  # the one fixed wait: long enough for more text to show up if the stream went on
     assert assistant_texts(browser)[0] == stopped_text  # nothing more arrived
+    assert browser.find_element(By.ID, "send").is_enabled() and not browser.find_element(By.ID, "stop").is_enabled()
 
-    # a second turn completes; the page keeps the conversation
-    send(browser, "And a short one?", 8)
+    # a second turn (sent with Enter) completes, and its request carried the whole conversation,
+    # the stopped answer included
+    send(browser, "And a short one?", 8, enter=True)
     until(browser, lambda d: d.find_element(By.ID, "send").is_enabled() and len(assistant_texts(d)) == 2, "second answer")
     assert assistant_texts(browser)[1] and server.health("tiny")["completed"] == 1
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#messages .message")) == 4
+    messages = browser.find_elements(By.CSS_SELECTOR, "#messages .message")
+    assert [m.get_attribute("class").split()[1] for m in messages] == ["user", "assistant", "user", "assistant"]
+    bodies = browser.execute_script("return window.sentBodies")
+    assert [b["max_tokens"] for b in bodies] == [1000, 8] and bodies[1]["model"] == "tiny" and bodies[1]["stream"]
+    assert bodies[1]["messages"] == [
+        {"role": "user", "content": "Tell me a long story."},
+        {"role": "assistant", "content": stopped_text},
+        {"role": "user", "content": "And a short one?"},
+    ]
+    assert console_errors(browser) == []  # since the key: no failed requests (favicon included), no script errors
 
     artifacts = Path(os.environ.get("NANOGPT_ARTIFACTS", REPO_ROOT / "artifacts"))
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -111,7 +149,8 @@ def test_chat_page(server, browser):
     send(browser, "Hello?", 8)
     until(browser, lambda d: d.find_element(By.ID, "send").is_enabled(), "send re-enabled")
     assert "Incorrect API key" in browser.find_element(By.ID, "error").text
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#messages .message")) == 4  # the failed turn is not kept
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#messages .message")) == 4  # the failed turn is not kept...
+    assert browser.find_element(By.ID, "prompt").get_attribute("value") == "Hello?"  # ...but can be sent again
 
 
 def test_server_down_is_reported(server, browser):

@@ -99,7 +99,7 @@ def create_app(config: ServerConfig | None = None) -> Flask:
             header = request.headers.get("Authorization", "")
             key = header[7:].strip() if header[:7].lower() == "bearer " else ""
             if not any(hmac.compare_digest(key.encode(), k.encode()) for k in config.api_keys):
-                what = "Incorrect API key provided" if key else "Missing API key: send 'Authorization: Bearer <key>'"
+                what = "Incorrect API key provided" if key else "Missing API key: send 'Authorization: Bearer <key>' (chat page: the API key field)"
                 raise APIError(401, what, code="invalid_api_key")
         return None
 

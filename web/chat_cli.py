@@ -5,20 +5,26 @@
     python web/chat_cli.py --init_from gpt2 --system "Answer briefly."
 
 Type a message and press Enter. /reset starts a new conversation, /quit (or Ctrl-D) leaves.
-Ctrl-C stops the answer being written (what was written stays in the conversation).
+Ctrl-C stops the answer being written (what was written stays in the conversation); at the
+prompt it leaves.
 
 The conversation is rendered by model/prompt.py's render_messages, exactly as the server renders a
-chat request, and answered by model/engine.py's generate, as the server's engine would.
+chat request, and answered by model/engine.py's generate, as the server's engine would. When it
+outgrows the model's context, its oldest exchanges (a question and its answer) are left out, and
+stderr says which; the system prompt and the newest message always stay.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make the repo root importable
+
+import torch  # noqa: E402
 
 from model.compute import pick_device  # noqa: E402
 from model.engine import SamplingParams, generate  # noqa: E402
@@ -26,6 +32,9 @@ from model.gpt import GPT  # noqa: E402
 from model.pretrained import load_pretrained  # noqa: E402
 from model.prompt import render_messages  # noqa: E402
 from model.tokenizer import encode  # noqa: E402
+from web.chat_request import MAX_STOP_STRINGS  # noqa: E402
+
+PREVIEW_CHARS = 40  # how much of a left-out question the notice quotes
 
 
 def bounded(kind, low: float, high: float | None = None):
@@ -45,65 +54,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = parser.add_argument_group("model (one of)")
     g.add_argument("--checkpoint", default=None, help="a step_*.pt of any stage, or a run directory (its newest)")
     g.add_argument("--init_from", default=None, help="a Hugging Face GPT-2 (gpt2, ...) or a local HF directory")
-    parser.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
+    parser.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu (default: %(default)s)")
     g = parser.add_argument_group("sampling (as in the API)")
     g.add_argument("--temperature", type=bounded(float, 0, 2), default=0.7, help="0 = greedy (default: %(default)s)")
     g.add_argument("--top_p", type=bounded(float, 0, 1), default=1.0, help="nucleus sampling mass (default: %(default)s)")
-    g.add_argument("--top_k", type=bounded(int, 0), default=0, help="sample among the k likeliest; 0 = all")
-    g.add_argument("--max_tokens", type=bounded(int, 1), default=256, help="longest answer (default: %(default)s)")
-    g.add_argument("--presence_penalty", type=bounded(float, -2, 2), default=0.0)
-    g.add_argument("--frequency_penalty", type=bounded(float, -2, 2), default=0.0)
-    g.add_argument("--seed", type=int, default=None, help="makes sampled answers reproducible")
-    g.add_argument("--stop", action="append", default=[], help="end the answer before this text (up to 4, repeatable)")
+    g.add_argument("--top_k", type=bounded(int, 0), default=0, help="sample among the k likeliest; 0 = all (default)")
+    g.add_argument("--max_tokens", type=bounded(int, 1), default=256,
+                   help="longest answer, cut to the room left in the context (default: %(default)s)")
+    g.add_argument("--presence_penalty", type=bounded(float, -2, 2), default=0.0, help="in [-2, 2] (default: %(default)s)")
+    g.add_argument("--frequency_penalty", type=bounded(float, -2, 2), default=0.0, help="in [-2, 2] (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=None, help="makes sampled answers reproducible (default: none)")
+    g.add_argument("--stop", action="append", default=[],
+                   help=f"end the answer before this text (repeatable, up to {MAX_STOP_STRINGS})")
     parser.add_argument("--system", default=None, help="a system prompt for the whole conversation")
     args = parser.parse_args(argv)
     if (args.checkpoint is None) == (args.init_from is None):
         parser.error("pass one of --checkpoint and --init_from")
-    if len(args.stop) > 4:
-        parser.error("at most 4 --stop strings")
+    if len(args.stop) > MAX_STOP_STRINGS:
+        parser.error(f"at most {MAX_STOP_STRINGS} --stop strings")
     return args
 
 
-def fit_history(messages: list[dict], context: int) -> tuple[list[int] | None, int]:
-    """The prompt tokens of the conversation, dropping its oldest turns until it leaves room for
-    at least one answer token; returns (tokens, turns dropped), or (None, n) if even the last user
-    message alone does not fit. The system message and the last user message are always kept."""
+def fit_history(messages: list[dict], context: int) -> tuple[list[int], int]:
+    """The prompt tokens of the conversation after dropping its oldest exchanges until the prompt
+    leaves room for at least one answer token, and how many messages were dropped.
+
+    An exchange is a user message and what follows it up to the next one, so no answer is kept
+    without its question. The system message and the last user message are always kept: the
+    prompt returned may still be too long, which the caller checks.
+    """
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(system) :]
-    for dropped in range(len(turns)):
-        prompt = encode(render_messages(system + turns[dropped:]))
+    starts = [i for i, m in enumerate(turns) if m["role"] == "user"]
+    for start in starts:
+        prompt = encode(render_messages(system + turns[start:]))
         if len(prompt) < context:
-            return prompt, dropped
-    return None, len(turns)
+            break
+    return prompt, start
+
+
+def preview(text: str) -> str:
+    """A message quoted on one line, cut to PREVIEW_CHARS."""
+    text = " ".join(text.split())
+    return f'"{text}"' if len(text) <= PREVIEW_CHARS else f'"{text[: PREVIEW_CHARS - 1]}…"'
 
 
 def answer(model: GPT, prompt: list[int], params: SamplingParams) -> str:
-    """Stream one answer to stdout; Ctrl-C ends it early. Returns the text written."""
-    print("model> ", end="", flush=True)
+    """Stream one answer to stdout; Ctrl-C ends it early. Returns the text shown."""
     text = ""
     try:
-        for delta in generate(model, prompt, params):
-            text += delta
-            print(delta, end="", flush=True)
+        print("model> ", end="", flush=True)
+        # closing(): an answer cut by Ctrl-C frees its engine (KV cache) now, not whenever GC gets to it
+        with torch.inference_mode(), contextlib.closing(generate(model, prompt, params)) as deltas:
+            for delta in deltas:
+                print(delta, end="", flush=True)
+                text += delta
     except KeyboardInterrupt:
         print(" [stopped]", end="")
     print()
     return text
 
 
-def chat(model: GPT, args: argparse.Namespace) -> None:
-    """The read-answer loop on stdin, until /quit or end of input."""
-    params = SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        seed=args.seed,
-        stop=tuple(args.stop),
-    )
-    start = [{"role": "system", "content": args.system}] if args.system else []
+def chat(model: GPT, params: SamplingParams, system: str | None = None) -> None:
+    """The read-answer loop on stdin, until /quit, end of input or Ctrl-C at the prompt."""
+    start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     context = model.config.block_size
     while True:
@@ -112,25 +126,31 @@ def chat(model: GPT, args: argparse.Namespace) -> None:
         except (EOFError, KeyboardInterrupt):
             print()
             return
-        if line.strip() == "/quit":
+        command = line.strip()
+        if command == "/quit":
             return
-        if line.strip() == "/reset":
+        if command == "/reset":
             messages = list(start)
             print("(new conversation)", file=sys.stderr)
             continue
-        if not line.strip():
+        if not command:
             continue
         messages.append({"role": "user", "content": line})
         prompt, dropped = fit_history(messages, context)
-        if prompt is None:
-            print(f"error: that message alone is longer than the model's context ({context} tokens)", file=sys.stderr)
+        if len(prompt) >= context:
+            what = "your message with the system prompt" if start else "your message"
+            print(f"error: {what} is {len(prompt)} tokens, the model's context {context}: send a shorter one",
+                  file=sys.stderr)
             messages.pop()
             continue
         if dropped:
-            print(f"(the {dropped} oldest message(s) no longer fit the {context}-token context: left out)", file=sys.stderr)
-            messages = messages[: len(start)] + messages[len(start) + dropped :]
-        room = min(params.max_tokens, context - len(prompt))
-        text = answer(model, prompt, replace(params, max_tokens=room))
+            gone = messages[len(start) : len(start) + dropped]
+            questions = [preview(m["content"]) for m in gone if m["role"] == "user"]
+            print(f"(the conversation outgrew the {context}-token context: left out the oldest "
+                  f"{len(questions)} exchange(s), asking {', '.join(questions)})", file=sys.stderr)
+            messages = start + messages[len(start) + dropped :]
+        room = context - len(prompt)  # the engine cannot write past the context
+        text = answer(model, prompt, replace(params, max_tokens=min(params.max_tokens, room)))
         messages.append({"role": "assistant", "content": text})
 
 
@@ -138,12 +158,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         model, source = load_pretrained(args.checkpoint, args.init_from)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # a missing file, a bad checkpoint, the Hub out of reach: all say what to do
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model.to(pick_device(args.device)).eval().requires_grad_(False)
-    print(f"{source} ({model.config.block_size}-token context). /reset: new conversation, /quit: leave.", file=sys.stderr)
-    chat(model, args)
+    device = pick_device(args.device)
+    try:
+        model.to(device).eval().requires_grad_(False)
+    except (RuntimeError, AssertionError) as e:  # torch asserts when it was built without CUDA
+        print(f"error: cannot use --device {device} ({e}): pass --device cpu", file=sys.stderr)
+        return 2
+    sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character gets "?", not a crash
+    if sys.stdin.isatty():
+        with contextlib.suppress(ImportError):  # absent on Windows: input() then just lacks editing
+            import readline  # noqa: F401  (importing it gives input() line editing and ↑ history)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        stop=tuple(s for s in args.stop if s),  # as the API: an empty string would stop before the first token
+    )
+    print(f"{source} on {device} ({model.config.block_size}-token context). "
+          "/reset: new conversation, /quit: leave.", file=sys.stderr)
+    chat(model, params, args.system)
     return 0
 
 

@@ -60,7 +60,7 @@ function setStreaming(on) {
   $("stop").disabled = !on;
 }
 
-// Reads server-sent events: blank-line separated, "data: ..." lines, ":" comments (keepalives).
+// Reads server-sent events: blank-line separated, "data:" lines, ":" comments (keepalives) skipped.
 async function* sseData(response) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
@@ -68,16 +68,23 @@ async function* sseData(response) {
   for (;;) {
     const { value, done } = await reader.read();
     if (done) return;
-    buffer += decoder.decode(value, { stream: true });  // stream: a character may span two reads
+    // stream: true because a UTF-8 character may span two reads; \r\n is legal SSE too
+    buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
     let end;
     while ((end = buffer.indexOf("\n\n")) >= 0) {
       const event = buffer.slice(0, end);
       buffer = buffer.slice(end + 2);
-      for (const line of event.split("\n")) {
-        if (line.startsWith("data: ")) yield line.slice(6);
-      }
+      const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).replace(/^ /, ""));
+      if (data.length) yield data.join("\n");
     }
   }
+}
+
+// A number field's value, or undefined when empty so that JSON.stringify leaves it out
+// and the server's default applies (Number("") would send 0).
+function numberField(id) {
+  const raw = $(id).value.trim();
+  return raw === "" ? undefined : Number(raw);
 }
 
 async function send(text) {
@@ -90,9 +97,9 @@ async function send(text) {
   const body = {
     model: $("model").value,
     messages: (system ? [{ role: "system", content: system }] : []).concat(history),
-    temperature: Number($("temperature").value),
-    top_p: Number($("top-p").value),
-    max_tokens: Number($("max-tokens").value),
+    temperature: numberField("temperature"),
+    top_p: numberField("top-p"),
+    max_tokens: numberField("max-tokens"),
     stream: true,
   };
   controller = new AbortController();
@@ -103,21 +110,27 @@ async function send(text) {
     });
     if (!response.ok) {
       showError(await httpError(response));
-      history.pop();  // the turn never happened: the user can send it again
+      history.pop();  // the turn never happened: put it back so the user can send it again
       bubble.previousSibling.remove();
       bubble.remove();
+      if (!$("prompt").value) $("prompt").value = text;
       return;
     }
+    let finished = false;
     for await (const data of sseData(response)) {
-      if (data === "[DONE]") break;
+      if (data === "[DONE]") { finished = true; break; }
       const chunk = JSON.parse(data);
-      if (chunk.error) throw new Error(chunk.error.message);
+      if (chunk.error) throw new Error(chunk.error.message);  // a failure after the headers were sent
       const delta = chunk.choices.length ? chunk.choices[0].delta.content : "";
       if (delta) bubble.textContent += delta;
     }
+    if (!finished) throw new Error("the stream ended before [DONE] (server restarted?)");
   } catch (err) {
     if (err.name === "AbortError") bubble.classList.add("stopped");
-    else showError(err instanceof TypeError ? networkError(err) : `Generation failed: ${err.message}`);
+    else {
+      bubble.classList.add("failed");
+      showError(err instanceof TypeError ? networkError(err) : `Generation failed: ${err.message}`);
+    }
   } finally {
     bubble.classList.remove("streaming");
     if (bubble.isConnected) history.push({ role: "assistant", content: bubble.textContent });  // stopped ones too

@@ -24,6 +24,9 @@ from model.gpt import GPTConfig
 
 KEY = "sk-test-2"
 TINY = GPTConfig(block_size=1024, n_layer=2, n_head=2, n_embd=64)
+# wide enough that a token costs milliseconds on any CPU (its lm_head alone is 77 MB to read), so a
+# 1000-token stream outlasts gunicorn's --timeout 2 however fast the machine
+WIDE = GPTConfig(block_size=1024, n_layer=2, n_head=4, n_embd=384)
 ECHO_MESSAGES = [{"role": "user", "content": ECHO_PROMPT}]
 HI = [{"role": "user", "content": "Say hi."}]
 
@@ -32,12 +35,14 @@ HI = [{"role": "user", "content": "Say hi."}]
 def server(tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     write_model(models, "tiny", TINY)
+    write_model(models, "wide", WIDE)
     write_echo_model(models, "echo")
     write_nan_model(models, "broken")
     (models / "no-checkpoint").mkdir()
     env = {
         "NANOGPT_API_KEYS": "sk-test-1, sk-test-2",
         "NANOGPT_MAX_ROWS": "24",
+        "NANOGPT_MAX_MODELS": "4",
         "NANOGPT_KEEPALIVE": "0.5",
         "GEVENT_MONITOR_THREAD_ENABLE": "1",
         "GEVENT_MAX_BLOCKING_TIME": "0.1",
@@ -88,7 +93,7 @@ def chat_body(model="echo", messages=ECHO_MESSAGES, **kw) -> dict:
 
 def test_models_list_and_retrieve(client):
     models = client.models.list().data
-    assert [m.id for m in models] == ["broken", "echo", "tiny"]  # the run without a checkpoint is no model
+    assert [m.id for m in models] == ["broken", "echo", "tiny", "wide"]  # the run without a checkpoint is no model
     for m in models:
         assert m.object == "model" and m.owned_by and isinstance(m.created, int) and m.created > 1_600_000_000
     assert client.models.retrieve("echo").id == "echo"
@@ -432,7 +437,7 @@ def test_disconnect_frees_the_row(server, client):
 def test_long_stream_outlives_the_heartbeat_timeout(server):
     worker_pid_before = [line for line in server.log_text().splitlines() if "Booting worker" in line]
     start = time.monotonic()
-    conn, resp = open_stream(server, {"model": "tiny", "messages": HI, "max_tokens": 1000, "temperature": 0})
+    conn, resp = open_stream(server, {"model": "wide", "messages": HI, "max_tokens": 1000, "temperature": 0})
     events = []
     while (event := read_event(resp)) not in (None, "[DONE]"):
         events.append(event)

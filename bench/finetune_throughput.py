@@ -73,7 +73,7 @@ from model.data import InstructionLoader
 from model.gpt import GPT, IGNORE_INDEX, GPTConfig
 from model.shards import DataError
 from model.tokenizer import encode, get_tokenizer
-from model.trainer import HelpFormatter
+from model.cli import HelpFormatter
 
 MAX_LEN = 1024  # tokens per example, as prepare_dolly.py's default
 BLOCK_SIZE = 1024

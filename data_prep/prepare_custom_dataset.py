@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make the repo root importable
 
 from data_prep.instruction_shards import jsonl_rows, run_cli  # noqa: E402
-from model.trainer import HelpFormatter  # noqa: E402
+from model.cli import HelpFormatter  # noqa: E402
 
 PRODUCER = "data_prep/prepare_custom_dataset.py"
 

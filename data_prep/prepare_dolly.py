@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from data_prep.instruction_shards import Rows, jsonl_rows, run_cli  # noqa: E402
 from model.shards import DataError  # noqa: E402
-from model.trainer import HelpFormatter  # noqa: E402
+from model.cli import HelpFormatter  # noqa: E402
 
 PRODUCER = "data_prep/prepare_dolly.py"
 HUB_DATASET = "databricks/databricks-dolly-15k"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU. Unknown GPUs report no MFU rather than a wrong one.
 BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
@@ -33,7 +34,8 @@ class Compute:
 
     def print0(self, *args, **kwargs) -> None:
         if self.master:
-            print(*args, **kwargs, flush=True)
+            with tqdm.external_write_mode():  # a progress bar, if one is drawn, moves below the line
+                print(*args, **kwargs, flush=True)
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce a tensor across ranks in place ("sum", "mean" or "max"); a no-op in one process."""

@@ -1,7 +1,8 @@
 """Inference on the one GPT module: a KV-cache engine that decodes many requests in one batch.
 
 Every consumer that lets a model answer goes through here: the server (web/app.py), the terminal
-chat (web/chat_cli.py) and fine-tuning's sample answers (`generate`).
+chat (web/chat_cli.py, `generate`), and fine-tuning's sample answers and eval/exact_match.py
+(`generate_batch`).
 
 The cache holds max_rows rows of up to max_len tokens. Requests that are decoding sit in rows
 0..n-1, so one decode step is a single forward over the view rows[:n], each row at its own
@@ -19,6 +20,7 @@ TextStream's job, in model/text_stream.py.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -241,5 +243,42 @@ def generate(model: GPT, prompt: list[int], params: SamplingParams) -> Iterator[
                     break
         if not text.stopped and (rest := text.flush()):
             yield rest
+    finally:
+        model.train(was_training)
+
+
+def generate_batch(model: GPT, prompts: list[list[int]], params: SamplingParams, max_rows: int = 32) -> list[str]:
+    """The whole completion of every prompt, decoded up to max_rows at a time in one engine.
+
+    For offline evaluation of many prompts; each text is what generate() gives for that prompt
+    alone (for greedy sampling, exactly: an engine row's tokens do not depend on its neighbours).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        longest = max((len(p) for p in prompts), default=1)
+        engine = Engine(model, max_rows=max(1, min(max_rows, len(prompts))),
+                        max_len=min(model.config.block_size, longest + params.max_tokens))
+        waiting = deque(range(len(prompts)))
+        active: dict[int, tuple[Sequence, TextStream, list[int]]] = {}  # index -> (sequence, text, [tokens read])
+        texts = [""] * len(prompts)
+        while waiting or active:
+            while waiting and engine.has_room():
+                i = waiting.popleft()
+                seq = engine.start(prompts[i], params)
+                while engine.prefill_step() is None:  # the whole prompt, then its first token
+                    pass
+                active[i] = (seq, TextStream(params.stop), [0])
+            for i, (seq, text, read) in list(active.items()):
+                for token in seq.output[read[0] :]:
+                    texts[i] += text.push(token)
+                read[0] = len(seq.output)
+                if text.stopped and seq.row >= 0:
+                    engine.release(seq)  # a stop string ended it: its row is free for the next prompt
+                if text.stopped or seq.finish_reason is not None:
+                    texts[i] += text.flush()
+                    del active[i]
+            engine.decode_step()
+        return texts
     finally:
         model.train(was_training)

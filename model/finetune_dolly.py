@@ -34,17 +34,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 import torch
 
+from eval.exact_match import answer, load_records, score
 from eval.hellaswag import add_hellaswag_args, hellaswag_evaluation
 from model.checkpoint import model_from_checkpoint
+from model.cli import HelpFormatter
 from model.compute import Compute, cleanup, setup_compute
 from model.data import InstructionLoader
-from model.engine import SamplingParams, generate
+from model.engine import SamplingParams, generate_batch
 from model.gpt import GPT
 from model.pretrained import load_pretrained
 from model.tokenizer import decode
 from model.trainer import (
     BETAS,
-    HelpFormatter,
     add_training_args,
     check_training_args,
     accumulation_steps,
@@ -76,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = parser.add_argument_group("sample answers")
     g.add_argument("--num_samples", type=int, default=3, help="val instructions answered greedily at each evaluation")
     g.add_argument("--sample_tokens", type=int, default=96, help="most tokens per sample answer")
+    g.add_argument("--exact_match_data", default=None,
+                   help="a jsonl of {instruction, context, response} records (e.g. data_prep/demo_corpus.py's "
+                        "heldout.jsonl): every --eval_every steps, log the share answered exactly (eval/exact_match.py)")
     add_hellaswag_args(parser, every=0)  # e.g. --hellaswag_every 200: what tuning costs in general knowledge
     args = parser.parse_args(argv)
     check_training_args(args)
@@ -113,11 +117,26 @@ def sample_answers(loader: InstructionLoader, num_samples: int, max_tokens: int,
     def evaluate(model: GPT) -> dict:
         if not compute.master:
             return {}
-        greedy = SamplingParams(max_tokens=max_tokens, temperature=0)
-        samples = [{"prompt": decode(p), "answer": "".join(generate(model, p, greedy))} for p in prompts]
+        answers = generate_batch(model, prompts, SamplingParams(max_tokens=max_tokens, temperature=0))
+        samples = [{"prompt": decode(p), "answer": a} for p, a in zip(prompts, answers)]
         for s in samples:
-            print(f"{s['prompt']}{s['answer']}\n" + "-" * 40, flush=True)
+            compute.print0(f"{s['prompt']}{s['answer']}\n" + "-" * 40)
         return {"samples": samples}
+
+    return evaluate
+
+
+def exact_match_evaluation(path: str, compute: Compute):
+    """An evaluation that logs the exact-match accuracy of greedy answers to the records in path
+    (on rank 0), overall and per "split" field where the records have one."""
+    records = load_records(path)
+
+    def evaluate(model: GPT) -> dict:
+        if not compute.master:
+            return {}
+        result = score(records, answer(model, records))
+        splits = {f"exact_match_{k.replace(' ', '_')}": v["accuracy"] for k, v in result["by_split"].items()}
+        return {"exact_match": result["accuracy"], **splits}
 
     return evaluate
 
@@ -135,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         val_loader = InstructionLoader(args.data_dir, "val", args.batch_size, compute.rank, compute.world_size,
                                        shuffle=False, block_size=block)
         hellaswag = hellaswag_evaluation(args, compute)
-    except (OSError, ValueError) as e:  # OSError: also the Hub out of reach for --init_from
+        exact_match = exact_match_evaluation(args.exact_match_data, compute) if args.exact_match_data else None
+    except (OSError, ValueError) as e:  # OSError: also the Hub out of reach; ValueError: also bad data
         compute.print0(f"error: {e}", file=sys.stderr)
         cleanup(compute)
         return 2
@@ -148,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluations = [hellaswag] if hellaswag else []
     if args.num_samples:
         evaluations.append((args.eval_every, sample_answers(val_loader, args.num_samples, args.sample_tokens, compute)))
+    if exact_match:
+        evaluations.append((args.eval_every, exact_match))
     try:
         train(args, compute, model, optimizer, train_loader, val_loader, grad_accum=grad_accum, kind="sft",
               resume_ckpt=resume_ckpt, evaluations=evaluations)

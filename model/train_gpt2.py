@@ -28,13 +28,13 @@ import torch
 
 from eval.hellaswag import add_hellaswag_args, hellaswag_evaluation
 from model.checkpoint import model_from_checkpoint
+from model.cli import HelpFormatter
 from model.compute import cleanup, setup_compute
 from model.data import TokenShardLoader
 from model.export_hf import load_hf_model
 from model.gpt import GPT, GPTConfig
 from model.trainer import (
     BETAS,
-    HelpFormatter,
     add_training_args,
     check_training_args,
     accumulation_steps,

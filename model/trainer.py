@@ -19,13 +19,16 @@ import argparse
 import json
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
+from eval.report import write_report
 from model.atomic import remove_stale_temp_files
 from model.checkpoint import (
     checkpoint_path,
@@ -54,10 +57,6 @@ class Loader(Protocol):
 
 # An evaluation run every `every` steps on the bare model: (every, fn(model) -> metrics to log).
 Evaluation = tuple[int, Callable[[GPT], dict]]
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows each flag's default and keeps the script docstring's line breaks."""
 
 
 def add_training_args(
@@ -95,6 +94,8 @@ def add_training_args(
     g.add_argument("--val_steps", type=int, default=val_steps, help="micro-batches per rank per validation (N ranks read N times the tokens); -1 = the whole val split")
     g.add_argument("--save_every", type=int, default=save_every, help="checkpoint every N steps; 0 = only at the end")
     g.add_argument("--keep_last", type=int, default=3, help="keep the newest N checkpoints; 0 = keep all")
+    g.add_argument("--log_every", type=int, default=1,
+                   help="print a step's line every N steps (log.jsonl gets every step; a terminal also shows a progress bar)")
 
 
 def check_training_args(args: argparse.Namespace) -> None:
@@ -102,6 +103,8 @@ def check_training_args(args: argparse.Namespace) -> None:
     for name in ("max_steps", "max_lr", "warmup_steps", "eval_every", "save_every", "keep_last", "grad_clip"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.log_every < 1:
+        raise ValueError(f"--log_every must be >= 1, got {args.log_every}")
     if args.val_steps == 0 or args.val_steps < -1:
         raise ValueError(f"--val_steps must be >= 1 or -1 (the whole split), got {args.val_steps}")
     if not 0 <= args.min_lr_frac <= 1:
@@ -294,6 +297,9 @@ def train(
         f"device {compute.device} | {dtype} | steps {start_step} -> {args.max_steps}"
     )
     stop = StopSignal()
+    # drawn only on a terminal: in a log file it would be a long run of carriage returns
+    bar = tqdm(total=args.max_steps, initial=start_step, desc=kind, unit="step", dynamic_ncols=True,
+               disable=not (compute.master and sys.stderr.isatty()))
     try:
         # through max_steps inclusive: the last pass only evaluates and saves
         for step in range(start_step, args.max_steps + 1):
@@ -301,6 +307,7 @@ def train(
             if stop.requested(compute):
                 path = save(step)
                 compute.print0(f"stopped by signal {stop.signum} after step {step}: saved {path}; rerun with --resume auto")
+                write_run_report(out_dir, compute)
                 return
             # evaluations never touch the training RNG streams, so turning them on changes no weights
             with torch.random.fork_rng(devices=[compute.device] if compute.device.type == "cuda" else []):
@@ -363,8 +370,24 @@ def train(
             if peak_flops:
                 record["mfu"] = model.flops_per_token(x.size(1)) * tokens / dt / (peak_flops * compute.world_size)
                 line += f" | mfu {100 * record['mfu']:.1f}%"
-            compute.print0(line)
+            if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
+                compute.print0(line)
+            bar.update(1)
             if compute.master:
                 append_log(log_path, record)
     finally:
+        bar.close()
         stop.restore()
+    write_run_report(out_dir, compute)
+
+
+def write_run_report(out_dir: Path, compute: Compute) -> None:
+    """report.md and plots of the run so far (eval/report.py), on rank 0. A failure to draw them is
+    reported but never fails the training run, whose checkpoints are what matters."""
+    if not compute.master:
+        return
+    try:
+        compute.print0(f"report: {write_report(out_dir)}")
+    except Exception as e:  # noqa: BLE001 - any plotting failure; the run itself succeeded
+        compute.print0(f"warning: could not write the run report ({type(e).__name__}: {e}); "
+                       f"python eval/report.py --run {out_dir} retries")

@@ -5,7 +5,7 @@ streamed text is exact (whole characters, stop strings never shown)."""
 import pytest
 import torch
 
-from model.engine import Engine, SamplingParams, generate
+from model.engine import Engine, SamplingParams, generate, generate_batch
 from model.gpt import GPT, GPTConfig
 from model.text_stream import TextStream
 from model.tokenizer import EOT, VOCAB_SIZE, decode, encode
@@ -156,6 +156,18 @@ def test_generate_streams_the_text_and_restores_train_mode(model):
     assert model.training
     model.eval()
     assert "".join(deltas) == decode(reference(model, PROMPTS[1], GREEDY))
+
+
+def test_generate_batch_equals_generate_one_prompt_at_a_time(model):
+    # more prompts than rows, repeated and of mixed lengths; a stop string ends some answers early
+    prompts = PROMPTS * 3
+    answers = []
+    for params in (GREEDY, SamplingParams(max_tokens=24, temperature=0, stop=("e",))):
+        alone = ["".join(generate(model, p, params)) for p in prompts]
+        assert generate_batch(model, prompts, params, max_rows=3) == alone
+        answers.append(alone)
+    assert answers[0] != answers[1]  # the stop string did cut something
+    assert generate_batch(model, [], GREEDY) == []
 
 
 def stream(tokens: list[int], stop=()) -> list[str]:

@@ -1,0 +1,274 @@
+"""The demo's built-in corpus: a small world of facts and skills, written by this code (no third-party text).
+
+    python data_prep/demo_corpus.py                  # -> data/demo/source/{pretrain,instructions,heldout}.jsonl
+
+The world: sums and differences of small numbers, the larger or smaller of two numbers, the days
+of the week and the months (what comes after or before, days in a month, a month's number), how
+many items a short list holds, and three numbers in increasing order. It is written two ways:
+
+- pretrain.jsonl: prose documents ({"text": ...}) stating every fact many times, in varied
+  sentences ("The sum of 7 and 5 is 12.", "Of 3 and 9, the larger is 9."), for
+  data_prep/fineweb.py --input. A model pretrained on it knows the facts but has never seen
+  the instruction format.
+- instructions.jsonl: {"instruction", "context", "response", "task"} records for
+  data_prep/prepare_custom_dataset.py; counting and sorting put their list in the context.
+- heldout.jsonl: the same kind of records, each with "split" saying what fine-tuning never saw:
+  "new operands" (a fact no instruction record asks about, asked in a familiar phrasing) or
+  "new phrasing" (a wording no instruction record uses; the prose uses its words). The facts are
+  all in the pretraining prose: held-out accuracy measures whether tuning taught the model to
+  answer, not whether it memorised the tuning set.
+
+Everything follows from --seed: the same command writes the same bytes. eval/exact_match.py
+scores a checkpoint on heldout.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make the repo root importable
+
+from model.atomic import atomic_write  # noqa: E402
+from model.cli import HelpFormatter  # noqa: E402
+
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+MONTHS = [("January", 31), ("February", 28), ("March", 31), ("April", 30), ("May", 31), ("June", 30),
+          ("July", 31), ("August", 31), ("September", 30), ("October", 31), ("November", 30), ("December", 31)]
+ITEMS = ["apple", "pear", "plum", "cup", "spoon", "lamp", "book", "pen"]
+FILES = ("pretrain.jsonl", "instructions.jsonl", "heldout.jsonl")
+LISTS_PER_TASK = 150  # lists a counting or sorting task asks about in fine-tuning
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One thing the world knows: the words templates fill in, and the answer an instruction expects."""
+
+    task: str
+    slots: tuple[tuple[str, str], ...]  # (name, text) pairs for str.format
+    answer: str
+
+    def fill(self, template: str) -> str:
+        return template.format(**dict(self.slots), answer=self.answer)
+
+
+Template = tuple[str, str]  # (instruction, context) with {slots}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A family of facts, the sentences that state them and the instructions that ask them.
+
+    statements: prose sentences. asked: instruction templates used in fine-tuning; new_asked: kept
+    for the held-out set. Finite tasks list every fact in `facts`; list tasks (counting, sorting)
+    have none there and `draw` one at random instead, as often as needed.
+    """
+
+    name: str
+    statements: tuple[str, ...]
+    asked: tuple[Template, ...]
+    new_asked: tuple[Template, ...]
+    facts: tuple[Fact, ...] = ()
+    draw: Callable[[random.Random], Fact] | None = None
+
+    def sentence(self, fact: Fact, rng: random.Random) -> str:
+        """The fact in prose: a statement, or a question of any phrasing followed by its answer, as a
+        FAQ would put it. The prose never uses the instruction template, so a pretrained model knows
+        the facts and the questions but not the format it will be asked in."""
+        forms = self.statements + tuple(f"{q} {c}. {{answer}}." if c else f"{q} {{answer}}."
+                                        for q, c in self.asked + self.new_asked)
+        text = fact.fill(rng.choice(forms))
+        return text[:1].upper() + text[1:]  # a statement may open with a list item
+
+
+def _fact(task: str, answer: object, **slots: object) -> Fact:
+    return Fact(task, tuple((k, str(v)) for k, v in slots.items()), str(answer))
+
+
+def _said(words: list[str]) -> str:
+    return ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _count(rng: random.Random) -> Fact:
+    items = rng.sample(ITEMS, rng.randint(2, 5))
+    return _fact("count", len(items), items=", ".join(items), said=_said(items))
+
+
+def _sort(rng: random.Random) -> Fact:
+    nums = rng.sample(range(1, 10), 3)
+    return _fact("sort", ", ".join(map(str, sorted(nums))), nums=", ".join(map(str, nums)), said=_said(list(map(str, nums))))
+
+
+PAIRS = [(a, b) for a in range(1, 10) for b in range(1, 10) if a != b]
+TASKS = (
+    Task("add",
+         ("{a} plus {b} is {answer}.", "The sum of {a} and {b} is {answer}.", "Adding {a} and {b} gives {answer}."),
+         (("What is {a} plus {b}?", ""), ("Add {a} and {b}.", "")),
+         (("What is the sum of {a} and {b}?", ""),),
+         tuple(_fact("add", a + b, a=a, b=b) for a in range(1, 6) for b in range(1, 6))),
+    Task("larger",
+         ("Of {a} and {b}, the larger is {answer}.", "{answer} is larger than the other of {a} and {b}."),
+         (("Which is larger, {a} or {b}?", ""), ("Name the larger number: {a} or {b}.", "")),
+         (("Of {a} and {b}, which is bigger?", ""),),
+         tuple(_fact("larger", max(a, b), a=a, b=b) for a, b in PAIRS)),
+    Task("smaller",
+         ("Of {a} and {b}, the smaller is {answer}.", "{answer} is smaller than the other of {a} and {b}."),
+         (("Which is smaller, {a} or {b}?", ""), ("Name the smaller number: {a} or {b}.", "")),
+         (("Of {a} and {b}, which is less?", ""),),
+         tuple(_fact("smaller", min(a, b), a=a, b=b) for a, b in PAIRS)),
+    Task("day_after",
+         ("The day after {day} is {answer}.", "After {day} comes {answer}."),
+         (("What day comes after {day}?", ""), ("Which day follows {day}?", "")),
+         (("Name the day after {day}.", ""),),
+         tuple(_fact("day_after", DAYS[(i + 1) % 7], day=d) for i, d in enumerate(DAYS))),
+    Task("day_before",
+         ("The day before {day} is {answer}.", "Before {day} comes {answer}."),
+         (("What day comes before {day}?", ""), ("Which day precedes {day}?", "")),
+         (("Name the day before {day}.", ""),),
+         tuple(_fact("day_before", DAYS[i - 1], day=d) for i, d in enumerate(DAYS))),
+    Task("month_after",
+         ("The month after {month} is {answer}.", "After {month} comes {answer}."),
+         (("What month comes after {month}?", ""), ("Which month follows {month}?", "")),
+         (("Name the month after {month}.", ""),),
+         tuple(_fact("month_after", MONTHS[(i + 1) % 12][0], month=m) for i, (m, _) in enumerate(MONTHS))),
+    Task("month_before",
+         ("The month before {month} is {answer}.", "Before {month} comes {answer}."),
+         (("What month comes before {month}?", ""), ("Which month precedes {month}?", "")),
+         (("Name the month before {month}.", ""),),
+         tuple(_fact("month_before", MONTHS[i - 1][0], month=m) for i, (m, _) in enumerate(MONTHS))),
+    Task("month_days",
+         ("{month} has {answer} days.", "There are {answer} days in {month}."),
+         (("How many days are in {month}?", ""), ("How many days does {month} have?", "")),
+         (("How long is {month} in days?", ""),),
+         tuple(_fact("month_days", n, month=m) for m, n in MONTHS)),
+    Task("month_number",
+         ("{month} is month number {answer}.", "In the calendar, {month} is month {answer}."),
+         (("What number is the month of {month}?", ""), ("Which month number is {month}?", "")),
+         (("Give the month number of {month}.", ""),),
+         tuple(_fact("month_number", i + 1, month=m) for i, (m, _) in enumerate(MONTHS))),
+    Task("count",
+         ("Count {said} and you get {answer}.", "{said}: that makes {answer} things."),
+         (("How many items are in this list?", "{items}"), ("Count the items.", "{items}")),
+         (("How many things does the list hold?", "{items}"),),
+         draw=_count),
+    Task("sort",
+         ("Sorted from smallest to largest, {said} are {answer}.", "In increasing order, {said} become {answer}."),
+         (("Sort these numbers from smallest to largest.", "{nums}"), ("Sort the numbers.", "{nums}")),
+         (("Put these numbers in increasing order.", "{nums}"),),
+         draw=_sort),
+)
+
+
+def _record(fact: Fact, template: Template, **extra: str) -> dict:
+    instruction, context = template
+    return {"instruction": fact.fill(instruction), "context": fact.fill(context), "response": fact.answer,
+            "task": fact.task, **extra}
+
+
+def _distinct(task: Task, rng: random.Random, n: int, taken: set[Fact]) -> list[Fact]:
+    """n different random facts of a list task that are not in taken."""
+    found: list[Fact] = []
+    while len(found) < n:
+        fact = task.draw(rng)
+        if fact not in taken and fact not in found:
+            found.append(fact)
+    return found
+
+
+def build(seed: int, sentences_per_task: int, heldout_fraction: float, heldout_per_task: int) -> dict[str, list[dict]]:
+    """The three files' records.
+
+    Fine-tuning asks every fact of a finite task in each `asked` phrasing, except a seeded
+    heldout_fraction of them, and LISTS_PER_TASK random lists of each list task. The held-out set
+    asks up to heldout_per_task of the facts it never asked (new lists, for list tasks) in familiar
+    phrasings, and as many facts in the task's held-out phrasings. The prose has sentences_per_task
+    sentences of each task (the facts of a finite task in turn, fresh random lists for a list task),
+    shuffled into documents. Every task gets the same share because a tiny model learns a fact from
+    how often it reads it: a few hundred times is what it needs within the demo's minutes.
+    """
+    rng = random.Random(seed)
+    sentences: list[str] = []
+    instructions: list[dict] = []
+    heldout: list[dict] = []
+    for task in TASKS:
+        if task.facts:
+            facts = list(task.facts)
+            rng.shuffle(facts)
+            n_new = max(1, round(heldout_fraction * len(facts)))
+            new, known = facts[:n_new], facts[n_new:]
+            # every fact equally often: a task of 7 facts states each far more often than one of 72
+            sentences += [task.sentence(facts[i % len(facts)], rng) for i in range(sentences_per_task)]
+        else:
+            known = _distinct(task, rng, LISTS_PER_TASK, set())
+            new = _distinct(task, rng, heldout_per_task, set(known))
+            sentences += [task.sentence(task.draw(rng), rng) for _ in range(sentences_per_task)]
+        instructions += [_record(f, t) for f in known for t in task.asked]
+        heldout += [_record(f, rng.choice(task.asked), split="new operands") for f in new[:heldout_per_task]]
+        phrased = rng.sample(known + new, min(heldout_per_task, len(known) + len(new)))
+        heldout += [_record(f, rng.choice(task.new_asked), split="new phrasing") for f in phrased]
+    rng.shuffle(sentences)
+    rng.shuffle(instructions)
+    # documents of 4 to 12 sentences: fineweb.py puts <|endoftext|> between them, as between web pages
+    docs, i = [], 0
+    while i < len(sentences):
+        n = rng.randint(4, 12)
+        docs.append({"text": " ".join(sentences[i : i + n])})
+        i += n
+    return {"pretrain.jsonl": docs, "instructions.jsonl": instructions, "heldout.jsonl": heldout}
+
+
+def write_corpus(out_dir: str | Path, seed: int = 1337, sentences_per_task: int = 6000, heldout_fraction: float = 0.15,
+                 heldout_per_task: int = 20) -> dict:
+    """Write the corpus and a manifest.json of its settings and counts into out_dir; return the manifest.
+
+    An out_dir whose manifest records the same settings is left as it is (the files are the same)."""
+    out_dir = Path(out_dir)
+    settings = {"seed": seed, "sentences_per_task": sentences_per_task, "heldout_fraction": heldout_fraction,
+                "heldout_per_task": heldout_per_task}
+    manifest_path = out_dir / "manifest.json"
+    if manifest_path.is_file() and all((out_dir / f).is_file() for f in FILES):
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("settings") == settings:
+            return manifest
+    corpus = build(seed, sentences_per_task, heldout_fraction, heldout_per_task)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in corpus.items():
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        atomic_write(out_dir / name, lambda f: f.write(data))
+    manifest = {"producer": "data_prep/demo_corpus.py", "settings": settings,
+                "counts": {name: len(rows) for name, rows in corpus.items()},
+                "tasks": [t.name for t in TASKS]}
+    data = (json.dumps(manifest, indent=1) + "\n").encode()
+    atomic_write(manifest_path, lambda f: f.write(data))  # last: it vouches for the files
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--out_dir", default="data/demo/source", help="where the three jsonl files and manifest.json go")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of every random choice")
+    parser.add_argument("--sentences_per_task", type=int, default=6000, help="prose sentences of each task")
+    parser.add_argument("--heldout_fraction", type=float, default=0.15,
+                        help="share of each task's facts that fine-tuning never asks about")
+    parser.add_argument("--heldout_per_task", type=int, default=20,
+                        help="held-out records per task and kind (new operands, new phrasing)")
+    args = parser.parse_args(argv)
+    if args.sentences_per_task < 1 or args.heldout_per_task < 1:
+        parser.error("--sentences_per_task and --heldout_per_task must be >= 1")
+    if not 0 < args.heldout_fraction < 1:
+        parser.error("--heldout_fraction must be in (0, 1)")
+    manifest = write_corpus(args.out_dir, args.seed, args.sentences_per_task, args.heldout_fraction, args.heldout_per_task)
+    counts = manifest["counts"]
+    print(f"{args.out_dir}: {counts['pretrain.jsonl']} prose documents, {counts['instructions.jsonl']} instruction "
+          f"records, {counts['heldout.jsonl']} held-out records over {len(manifest['tasks'])} tasks")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

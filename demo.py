@@ -1,0 +1,276 @@
+"""make demo: every stage at toy scale, offline, in minutes, ending with a chat server for the tuned model.
+
+    python demo.py                      # built-in corpus (data_prep/demo_corpus.py), no network needed
+    python demo.py --source hub         # a slice of FineWeb-Edu and Dolly-15k instead (needs network)
+    python demo.py --port 8001          # serve elsewhere (make demo PORT=8001); --no_serve to stop before
+
+Stages: make the corpus -> pretraining shards -> pretrain a tiny GPT from random weights ->
+instruction shards -> fine-tune it -> score both models on held-out instructions (HellaSwag for
+--source hub) -> write each run's report (eval/report.py) -> serve both with gunicorn.
+
+Every stage runs the repo's own script in a subprocess and prints the command first, so any step
+can be rerun, or scaled up, by hand. A second run reuses what the first made: prepared data whose
+manifest is newer than its input is kept, a finished training run is skipped and an interrupted
+one resumed (--resume auto). Ctrl-C stops a stage (training saves a checkpoint) or the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.cli import HelpFormatter
+
+ROOT = Path(__file__).resolve().parent
+PY = sys.executable
+
+
+@dataclass
+class Paths:
+    """Where one demo's data and runs go (--work_dir, --runs_dir)."""
+
+    work: Path
+    runs: Path
+
+    @property
+    def source(self) -> Path:
+        return self.work / "source"
+
+    @property
+    def heldout(self) -> Path:
+        return self.source / "heldout.jsonl"
+
+    @property
+    def pretrain_data(self) -> Path:
+        return self.work / "pretrain"
+
+    @property
+    def instruction_data(self) -> Path:
+        return self.work / "instructions"
+
+    @property
+    def pretrained(self) -> Path:
+        return self.runs / "pretrained"
+
+    @property
+    def tuned(self) -> Path:
+        return self.runs / "tuned"
+
+
+def banner(text: str) -> None:
+    print(f"\n=== {text}", flush=True)
+
+
+def run(cmd: list[str], env: dict | None = None) -> None:
+    """Print a command as the user would type it, then run it; a failure ends the demo with its code."""
+    shown = [Path(c).relative_to(ROOT).as_posix() if c.startswith(str(ROOT)) else c for c in cmd]
+    print("$ " + shlex.join(["python" if c == PY else c for c in shown]), flush=True)
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})})
+    if result.returncode:
+        print(f"demo: the stage above failed (exit {result.returncode}); fix what it says and rerun make demo",
+              file=sys.stderr)
+        sys.exit(result.returncode)
+
+
+def fresh(output: Path, *inputs: Path) -> bool:
+    """True when output exists and is newer than every input: a prep stage's result can be reused."""
+    return output.is_file() and all(output.stat().st_mtime >= i.stat().st_mtime for i in inputs if i.exists())
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in run_dir.glob("step_*.pt") if (m := re.fullmatch(r"step_(\d+)\.pt", p.name)))
+
+
+def train(script: str, run_dir: Path, max_steps: int, flags: list[str]) -> None:
+    """Run a training script unless run_dir already finished max_steps; resume it if it has started."""
+    steps = checkpoint_steps(run_dir)
+    if steps and steps[-1] >= max_steps:
+        print(f"{run_dir} has finished step {steps[-1]}: reused (delete it to train again)", flush=True)
+        return
+    resume = ["--resume", "auto"] if steps else []
+    run([PY, script, "--out_dir", str(run_dir), "--max_steps", str(max_steps), *flags, *resume])
+
+
+def tiny_model_flags(args: argparse.Namespace) -> list[str]:
+    return ["--n_layer", str(args.n_layer), "--n_head", str(args.n_head), "--n_embd", str(args.n_embd),
+            "--seq_len", str(args.seq_len)]
+
+
+def prepare_builtin(args: argparse.Namespace, paths: Paths) -> None:
+    banner("1/8 the built-in corpus: facts and skills as prose, instructions and held-out questions")
+    run([PY, "data_prep/demo_corpus.py", "--out_dir", str(paths.source), "--seed", str(args.seed)])
+    banner("2/8 pretraining shards (GPT-2 BPE, uint16; shard 0 is val)")
+    if fresh(paths.pretrain_data / "manifest.json", paths.source / "pretrain.jsonl"):
+        print(f"{paths.pretrain_data}: reused")
+    else:
+        run([PY, "data_prep/fineweb.py", "--input", str(paths.source / "pretrain.jsonl"), "--out_dir",
+             str(paths.pretrain_data), "--shard_size", "100000", "--num_proc", "1"])
+    banner("4/8 instruction shards (prompt template + response; loss only on the response)")
+    if fresh(paths.instruction_data / "manifest.json", paths.source / "instructions.jsonl"):
+        print(f"{paths.instruction_data}: reused")
+    else:
+        run([PY, "data_prep/prepare_custom_dataset.py", str(paths.source / "instructions.jsonl"), "--out_dir",
+             str(paths.instruction_data), "--max_len", str(args.seq_len)])
+
+
+def prepare_hub(args: argparse.Namespace, paths: Paths) -> None:
+    banner("1/8 a slice of FineWeb-Edu sample-10BT from the Hugging Face Hub")
+    print("(no built-in corpus with --source hub)")
+    banner("2/8 pretraining shards (GPT-2 BPE, uint16; shard 0 is val)")
+    if fresh(paths.pretrain_data / "manifest.json"):
+        print(f"{paths.pretrain_data}: reused")
+    else:
+        run([PY, "data_prep/fineweb.py", "--max_tokens", str(args.hub_tokens), "--out_dir", str(paths.pretrain_data),
+             "--shard_size", str(max(100_000, args.hub_tokens // 10))])
+    banner("4/8 instruction shards from databricks-dolly-15k")
+    if fresh(paths.instruction_data / "manifest.json"):
+        print(f"{paths.instruction_data}: reused")
+    else:
+        run([PY, "data_prep/prepare_dolly.py", "--out_dir", str(paths.instruction_data), "--max_len", str(args.seq_len)])
+
+
+def port_is_free(args: argparse.Namespace) -> bool:
+    """Whether --port can be listened on; if not, say so and how to pick another."""
+    with socket.socket() as s:
+        try:
+            s.bind((args.host, args.port))
+            return True
+        except OSError as e:
+            print(f"demo: cannot listen on {args.host}:{args.port} ({e.strerror}): stop what runs there or pick "
+                  f"another port, e.g. make demo PORT={args.port + 1}", file=sys.stderr)
+            return False
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 120) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return True
+        except OSError:
+            time.sleep(0.3)
+    return False
+
+
+def serve(args: argparse.Namespace, paths: Paths) -> int:
+    """gunicorn serving every run under --runs_dir until Ctrl-C; returns its exit code."""
+    banner(f"8/8 serving {paths.runs} (models: {paths.pretrained.name}, {paths.tuned.name})")
+    if not port_is_free(args):
+        return 2
+    env = {**os.environ, "NANOGPT_MODELS_DIR": str(paths.runs.resolve()), "NANOGPT_BIND": f"{args.host}:{args.port}"}
+    cmd = [PY, "-m", "gunicorn", "-c", "gunicorn_config.py", "web.app:app"]
+    print(f"$ NANOGPT_MODELS_DIR={paths.runs} NANOGPT_BIND={args.host}:{args.port} gunicorn -c gunicorn_config.py web.app:app",
+          flush=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    url = f"http://{args.host}:{args.port}"
+    try:
+        if not wait_until_up(url, proc):
+            print("demo: gunicorn did not come up; its log is above", file=sys.stderr)
+            return proc.poll() or 1
+        question = "What is the sum of 8 and 7?" if args.source == "builtin" else "Name three primary colours."
+        body = json.dumps({"model": paths.tuned.name, "messages": [{"role": "user", "content": question}]})
+        print(f"""
+The tuned model is served at {url}/  (chat page: pick "{paths.tuned.name}" or "{paths.pretrained.name}")
+
+curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+  -d '{body}'
+
+python - <<'EOF'
+from openai import OpenAI
+client = OpenAI(base_url="{url}/v1", api_key="unused")
+reply = client.chat.completions.create(model="{paths.tuned.name}", messages=[{{"role": "user", "content": "{question}"}}])
+print(reply.choices[0].message.content)
+EOF
+
+serving: {url}  (Ctrl-C stops the server)""", flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--source", choices=["builtin", "hub"], default="builtin",
+                        help="builtin: the generated corpus, offline; hub: FineWeb-Edu and Dolly-15k slices")
+    parser.add_argument("--work_dir", default=None, help="prepared data (default: data/demo, or data/demo_hub)")
+    parser.add_argument("--runs_dir", default=None, help="the two runs (default: checkpoints/demo, or checkpoints/demo_hub)")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the corpus and of both runs")
+    g = parser.add_argument_group("the tiny model and its two runs")
+    g.add_argument("--n_layer", type=int, default=6)
+    g.add_argument("--n_head", type=int, default=4)
+    g.add_argument("--n_embd", type=int, default=128)
+    g.add_argument("--seq_len", type=int, default=128, help="context length, also the longest instruction example")
+    g.add_argument("--pretrain_steps", type=int, default=300, help="pretraining steps of 16 x seq_len tokens")
+    g.add_argument("--finetune_steps", type=int, default=300, help="fine-tuning steps of 32 examples")
+    g.add_argument("--hub_tokens", type=int, default=2_000_000, help="FineWeb-Edu tokens to take with --source hub")
+    g = parser.add_argument_group("serving")
+    g.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    g.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")), help="port (or the PORT variable)")
+    g.add_argument("--no_serve", action="store_true", help="stop after the reports")
+    args = parser.parse_args(argv)
+    suffix = "" if args.source == "builtin" else "_hub"
+    args.work_dir = args.work_dir or f"data/demo{suffix}"
+    args.runs_dir = args.runs_dir or f"checkpoints/demo{suffix}"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    paths = Paths(Path(args.work_dir), Path(args.runs_dir))
+    if not args.no_serve and not port_is_free(args):  # before minutes of training, not after
+        return 2
+    started = time.monotonic()
+    (prepare_builtin if args.source == "builtin" else prepare_hub)(args, paths)
+
+    banner("3/8 pretraining a tiny GPT from random weights")
+    train("model/train_gpt2.py", paths.pretrained, args.pretrain_steps, [
+        "--data_dir", str(paths.pretrain_data), *tiny_model_flags(args), "--batch_size", "16",
+        "--total_batch_size", str(16 * args.seq_len), "--warmup_steps", str(max(1, args.pretrain_steps // 15)),
+        "--max_lr", "3e-3", "--eval_every", str(max(1, args.pretrain_steps // 6)), "--val_steps", "8",
+        "--save_every", str(max(1, args.pretrain_steps // 3)), "--hellaswag_every", "0", "--seed", str(args.seed),
+        "--log_every", "25",
+    ])
+
+    banner("5/8 fine-tuning it to follow instructions (the pretrained model's answers are logged at step 0)")
+    extra = ["--exact_match_data", str(paths.heldout)] if args.source == "builtin" else []
+    train("model/finetune_dolly.py", paths.tuned, args.finetune_steps, [
+        "--data_dir", str(paths.instruction_data), "--pretrained_checkpoint", str(paths.pretrained),
+        "--dropout", "0", "--batch_size", "32", "--total_batch_size", "32",
+        "--warmup_steps", str(max(1, args.finetune_steps // 15)), "--max_lr", "1e-3",
+        "--eval_every", str(max(1, args.finetune_steps // 6)), "--save_every", str(max(1, args.finetune_steps // 3)),
+        "--num_samples", "3", "--sample_tokens", "24", "--seed", str(args.seed), "--log_every", "25", *extra,
+    ])
+
+    banner("6/8 before and after tuning")
+    if args.source == "builtin":
+        run([PY, "eval/exact_match.py", "--checkpoint", str(paths.pretrained), str(paths.tuned),
+             "--data", str(paths.heldout), "--show", "3", "--out_json", str(paths.runs / "exact_match.json")])
+    else:
+        for run_dir in (paths.pretrained, paths.tuned):
+            run([PY, "eval/hellaswag.py", "--checkpoint", str(run_dir), "--limit", "500"])
+
+    banner("7/8 run reports (loss, learning rate, throughput, evaluations, sample answers)")
+    for run_dir in (paths.pretrained, paths.tuned):
+        run([PY, "eval/report.py", "--run", str(run_dir)])
+    print(f"\nall stages done in {time.monotonic() - started:.0f} s", flush=True)
+    if args.no_serve:
+        return 0
+    return serve(args, paths)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""demo.py (make demo) end to end in a shortened configuration: every stage runs from nothing, the server
+it ends with answers held-out questions exactly as eval/exact_match.py scored them, and a second run
+reuses every stage and serves again. A busy port is refused before any work."""
+
+import json
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from openai import OpenAI
+
+from conftest import REPO_ROOT
+from test_hellaswag import free_port
+
+# a shorter, narrower run than make demo's (which is measured in the README): minutes on 2 CPU cores
+SHORT = ["--n_layer", "4", "--n_embd", "64", "--pretrain_steps", "120", "--finetune_steps", "120"]
+
+
+class Demo:
+    """demo.py in a subprocess, its output read line by line in a thread (so a wait can time out)."""
+
+    def __init__(self, args: list[str]):
+        self.proc = subprocess.Popen([sys.executable, "demo.py", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        """The first output line that contains text; fails with the whole output if none comes in time."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            self.lines.append(line)
+            if text in line:
+                return line
+        pytest.fail(f"demo.py never printed {text!r}:\n" + "".join(self.lines[-80:]))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # Ctrl-C: the demo stops its gunicorn
+        try:
+            return self.proc.wait(timeout=60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+def ask(client: OpenAI, record: dict) -> str:
+    """A held-out record as a chat: its context as the system message (the prompt template's Context)."""
+    messages = [{"role": "system", "content": record["context"]}] if record["context"] else []
+    reply = client.chat.completions.create(model="tuned", messages=messages + [{"role": "user", "content": record["instruction"]}],
+                                           temperature=0, max_tokens=32)
+    return reply.choices[0].message.content
+
+
+def test_demo_runs_every_stage_serves_the_tuned_model_and_reuses_its_work(tmp_path):
+    work, runs = tmp_path / "data", tmp_path / "runs"
+    port = free_port()
+    args = ["--work_dir", str(work), "--runs_dir", str(runs), "--port", str(port), *SHORT]
+    demo = Demo(args)
+    try:
+        demo.wait_for(f"serving: http://127.0.0.1:{port}", timeout=900)
+        output = "".join(demo.lines)
+        for stage in ("demo_corpus.py", "fineweb.py", "train_gpt2.py", "prepare_custom_dataset.py",
+                      "finetune_dolly.py", "exact_match.py", "report.py", "gunicorn"):
+            assert stage in output
+        for run in ("pretrained", "tuned"):
+            assert (runs / run / "report.md").is_file() and (runs / run / "loss.png").is_file()
+        assert (runs / "tuned" / "metric_exact_match.png").is_file()  # held-out accuracy over fine-tuning
+
+        records = [json.loads(line) for line in (work / "source" / "heldout.jsonl").read_text().splitlines()]
+        scored = json.loads((runs / "exact_match.json").read_text())["models"]
+        assert scored["tuned"]["accuracy"] > scored["pretrained"]["accuracy"]
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        served = [ask(client, r) for r in records]
+        # the server's greedy answers are the evaluation's, and the ones it scored right are right
+        assert served == scored["tuned"]["answers"]
+        right = [r for r, a in zip(records, served) if a.strip() == r["response"]]
+        assert len(right) == scored["tuned"]["correct"] >= 0.25 * len(records)
+        assert {r["split"] for r in right} == {"new operands", "new phrasing"}
+    finally:
+        assert demo.stop() == 0
+
+    # a second run reuses every stage and serves again, in seconds rather than minutes
+    started = time.monotonic()
+    again = Demo(args)
+    try:
+        again.wait_for("serving:", timeout=300)
+        output = "".join(again.lines)
+        assert output.count(": reused") == 4  # two prepared data sets and two finished runs
+        assert "train_gpt2.py" not in output and "finetune_dolly.py" not in output
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        assert ask(client, records[0]) == served[0]
+    finally:
+        assert again.stop() == 0
+    print(f"second run reached serving in {time.monotonic() - started:.0f} s")
+
+
+def test_a_busy_port_is_refused_before_any_work(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, "demo.py", "--work_dir", str(tmp_path / "data"), "--runs_dir",
+                                 str(tmp_path / "runs"), "--port", str(port)], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and f"PORT={port + 1}" in result.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()

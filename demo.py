@@ -71,11 +71,13 @@ def banner(text: str) -> None:
     print(f"\n=== {text}", flush=True)
 
 
-def run(cmd: list[str], env: dict | None = None) -> None:
+def run(cmd: list[str]) -> None:
     """Print a command as the user would type it, then run it; a failure ends the demo with its code."""
-    shown = [Path(c).relative_to(ROOT).as_posix() if c.startswith(str(ROOT)) else c for c in cmd]
-    print("$ " + shlex.join(["python" if c == PY else c for c in shown]), flush=True)
-    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})})
+    shown = ["python" if c == PY else Path(c).relative_to(ROOT).as_posix() if c.startswith(str(ROOT)) else c for c in cmd]
+    print("$ " + shlex.join(shown), flush=True)
+    started = time.monotonic()
+    result = subprocess.run(cmd, cwd=ROOT)
+    print(f"({time.monotonic() - started:.0f} s)", flush=True)
     if result.returncode:
         print(f"demo: the stage above failed (exit {result.returncode}); fix what it says and rerun make demo",
               file=sys.stderr)
@@ -115,7 +117,7 @@ def prepare_builtin(args: argparse.Namespace, paths: Paths) -> None:
     else:
         run([PY, "data_prep/fineweb.py", "--input", str(paths.source / "pretrain.jsonl"), "--out_dir",
              str(paths.pretrain_data), "--shard_size", "100000", "--num_proc", "1"])
-    banner("4/8 instruction shards (prompt template + response; loss only on the response)")
+    banner("3/8 instruction shards (prompt template + response; loss only on the response)")
     if fresh(paths.instruction_data / "manifest.json", paths.source / "instructions.jsonl"):
         print(f"{paths.instruction_data}: reused")
     else:
@@ -124,24 +126,20 @@ def prepare_builtin(args: argparse.Namespace, paths: Paths) -> None:
 
 
 def prepare_hub(args: argparse.Namespace, paths: Paths) -> None:
-    banner("1/8 a slice of FineWeb-Edu sample-10BT from the Hugging Face Hub")
-    print("(no built-in corpus with --source hub)")
-    banner("2/8 pretraining shards (GPT-2 BPE, uint16; shard 0 is val)")
-    if fresh(paths.pretrain_data / "manifest.json"):
-        print(f"{paths.pretrain_data}: reused")
-    else:
-        run([PY, "data_prep/fineweb.py", "--max_tokens", str(args.hub_tokens), "--out_dir", str(paths.pretrain_data),
-             "--shard_size", str(max(100_000, args.hub_tokens // 10))])
-    banner("4/8 instruction shards from databricks-dolly-15k")
-    if fresh(paths.instruction_data / "manifest.json"):
-        print(f"{paths.instruction_data}: reused")
-    else:
-        run([PY, "data_prep/prepare_dolly.py", "--out_dir", str(paths.instruction_data), "--max_len", str(args.seq_len)])
+    # both scripts keep what they finished before (fineweb.py its shards, datasets its download cache)
+    banner("1/8 --source hub: no built-in corpus; FineWeb-Edu and Dolly-15k come from the Hugging Face Hub")
+    banner("2/8 pretraining shards from a slice of FineWeb-Edu sample-10BT (GPT-2 BPE, uint16; shard 0 is val)")
+    run([PY, "data_prep/fineweb.py", "--max_tokens", str(args.hub_tokens), "--out_dir", str(paths.pretrain_data),
+         "--shard_size", str(max(100_000, args.hub_tokens // 10))])
+    banner("3/8 instruction shards from databricks-dolly-15k")
+    run([PY, "data_prep/prepare_dolly.py", "--out_dir", str(paths.instruction_data), "--max_len", str(args.seq_len)])
 
 
 def port_is_free(args: argparse.Namespace) -> bool:
     """Whether --port can be listened on; if not, say so and how to pick another."""
     with socket.socket() as s:
+        # as gunicorn binds: connections of an earlier server lingering in TIME_WAIT do not count
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((args.host, args.port))
             return True
@@ -162,6 +160,19 @@ def wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 120) -> boo
     return False
 
 
+def example_messages(args: argparse.Namespace, paths: Paths) -> list[dict]:
+    """A chat for the printed snippets: with the built-in corpus, a held-out question the tuned model
+    answered right (its context, if any, as the system message)."""
+    if args.source == "hub":
+        return [{"role": "user", "content": "Name three primary colours."}]
+    records = [json.loads(line) for line in paths.heldout.read_text().splitlines()]
+    scores = json.loads((paths.runs / "exact_match.json").read_text())["models"][paths.tuned.name]
+    right = [r for r, a in zip(records, scores["answers"]) if a.strip() == r["response"].strip()]
+    record = (right or records)[0]
+    system = [{"role": "system", "content": record["context"]}] if record["context"] else []
+    return system + [{"role": "user", "content": record["instruction"]}]
+
+
 def serve(args: argparse.Namespace, paths: Paths) -> int:
     """gunicorn serving every run under --runs_dir until Ctrl-C; returns its exit code."""
     banner(f"8/8 serving {paths.runs} (models: {paths.pretrained.name}, {paths.tuned.name})")
@@ -177,18 +188,18 @@ def serve(args: argparse.Namespace, paths: Paths) -> int:
         if not wait_until_up(url, proc):
             print("demo: gunicorn did not come up; its log is above", file=sys.stderr)
             return proc.poll() or 1
-        question = "What is the sum of 8 and 7?" if args.source == "builtin" else "Name three primary colours."
-        body = json.dumps({"model": paths.tuned.name, "messages": [{"role": "user", "content": question}]})
+        messages = example_messages(args, paths)
+        body = json.dumps({"model": paths.tuned.name, "messages": messages})
         print(f"""
 The tuned model is served at {url}/  (chat page: pick "{paths.tuned.name}" or "{paths.pretrained.name}")
 
 curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
-  -d '{body}'
+  -d {shlex.quote(body)}
 
 python - <<'EOF'
 from openai import OpenAI
 client = OpenAI(base_url="{url}/v1", api_key="unused")
-reply = client.chat.completions.create(model="{paths.tuned.name}", messages=[{{"role": "user", "content": "{question}"}}])
+reply = client.chat.completions.create(model="{paths.tuned.name}", messages={json.dumps(messages)})
 print(reply.choices[0].message.content)
 EOF
 
@@ -214,8 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--n_head", type=int, default=4)
     g.add_argument("--n_embd", type=int, default=128)
     g.add_argument("--seq_len", type=int, default=128, help="context length, also the longest instruction example")
-    g.add_argument("--pretrain_steps", type=int, default=300, help="pretraining steps of 16 x seq_len tokens")
-    g.add_argument("--finetune_steps", type=int, default=300, help="fine-tuning steps of 32 examples")
+    g.add_argument("--pretrain_steps", type=int, default=600, help="pretraining steps of 8 x seq_len tokens")
+    g.add_argument("--finetune_steps", type=int, default=2500, help="fine-tuning steps of 16 examples")
     g.add_argument("--hub_tokens", type=int, default=2_000_000, help="FineWeb-Edu tokens to take with --source hub")
     g = parser.add_argument_group("serving")
     g.add_argument("--host", default="127.0.0.1", help="interface to listen on")
@@ -236,23 +247,24 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     (prepare_builtin if args.source == "builtin" else prepare_hub)(args, paths)
 
-    banner("3/8 pretraining a tiny GPT from random weights")
+    banner("4/8 pretraining a tiny GPT from random weights")
+    # small batches, many steps: a tiny model learns facts from the number of updates more than from batch size
     train("model/train_gpt2.py", paths.pretrained, args.pretrain_steps, [
-        "--data_dir", str(paths.pretrain_data), *tiny_model_flags(args), "--batch_size", "16",
-        "--total_batch_size", str(16 * args.seq_len), "--warmup_steps", str(max(1, args.pretrain_steps // 15)),
-        "--max_lr", "3e-3", "--eval_every", str(max(1, args.pretrain_steps // 6)), "--val_steps", "8",
+        "--data_dir", str(paths.pretrain_data), *tiny_model_flags(args), "--batch_size", "8",
+        "--total_batch_size", str(8 * args.seq_len), "--warmup_steps", str(max(1, args.pretrain_steps // 15)),
+        "--max_lr", "3e-3", "--eval_every", str(max(1, args.pretrain_steps // 5)), "--val_steps", "8",
         "--save_every", str(max(1, args.pretrain_steps // 3)), "--hellaswag_every", "0", "--seed", str(args.seed),
-        "--log_every", "25",
+        "--log_every", "50",
     ])
 
     banner("5/8 fine-tuning it to follow instructions (the pretrained model's answers are logged at step 0)")
     extra = ["--exact_match_data", str(paths.heldout)] if args.source == "builtin" else []
     train("model/finetune_dolly.py", paths.tuned, args.finetune_steps, [
         "--data_dir", str(paths.instruction_data), "--pretrained_checkpoint", str(paths.pretrained),
-        "--dropout", "0", "--batch_size", "32", "--total_batch_size", "32",
-        "--warmup_steps", str(max(1, args.finetune_steps // 15)), "--max_lr", "1e-3",
-        "--eval_every", str(max(1, args.finetune_steps // 6)), "--save_every", str(max(1, args.finetune_steps // 3)),
-        "--num_samples", "3", "--sample_tokens", "24", "--seed", str(args.seed), "--log_every", "25", *extra,
+        "--dropout", "0", "--batch_size", "16", "--total_batch_size", "16",
+        "--warmup_steps", str(max(1, args.finetune_steps // 40)), "--max_lr", "2e-3",
+        "--eval_every", str(max(1, args.finetune_steps // 4)), "--save_every", str(max(1, args.finetune_steps // 2)),
+        "--num_samples", "3", "--sample_tokens", "24", "--seed", str(args.seed), "--log_every", "100", *extra,
     ])
 
     banner("6/8 before and after tuning")

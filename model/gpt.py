@@ -152,15 +152,24 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, vocab_size) for token ids idx (B, T), and a loss when targets are given.
 
         reduction: "mean" over the targets that are not IGNORE_INDEX, "sum" of them, or "none" for
-        the per-token loss (B, T) with 0 at ignored positions.
+        the per-token loss (B, T) with 0 at ignored positions. return_logits=False (with targets and
+        a "mean" or "sum" reduction) returns no logits and runs lm_head only where there is a target:
+        the same loss, far cheaper when most positions are ignored, as the prompts of instruction
+        tuning are (lm_head is most of a small model's compute).
         """
         B, T = idx.size()
-        logits = self.lm_head(self.hidden(idx))  # (B, T, vocab_size)
+        x = self.hidden(idx)  # (B, T, n_embd)
+        if targets is not None and not return_logits and reduction != "none":
+            keep = targets != IGNORE_INDEX
+            loss = F.cross_entropy(self.lm_head(x[keep]).float(), targets[keep], reduction=reduction)
+            return None, loss
+        logits = self.lm_head(x)  # (B, T, vocab_size)
         if targets is None:
             return logits, None
         # float32 loss even when the logits are bf16: log-softmax over 50k entries needs the precision

@@ -240,7 +240,7 @@ def evaluate_loss(model: GPT, loader: Loader, steps: int, compute: Compute, dtyp
         x, y = loader.next_batch()
         x, y = x.to(compute.device), y.to(compute.device)
         with compute.autocast(dtype):
-            _, loss_sum = model(x, y, reduction="sum")
+            _, loss_sum = model(x, y, reduction="sum", return_logits=False)
         totals += torch.stack([loss_sum.float(), (y != IGNORE_INDEX).sum().float()])
     compute.all_reduce(totals)
     model.train()
@@ -273,6 +273,9 @@ def train(
         if resume_ckpt:
             trim_log(log_path, start_step)
 
+    # instruction tuning has a target on the response tokens only: lm_head runs on those alone. Pretraining
+    # targets every position, where gathering them would only add a copy (and a graph break under compile).
+    sparse_targets = kind != "pretrain"
     # compile and wrap only the module that trains; evaluation and checkpoints use the bare `model`
     train_module = torch.compile(model) if args.compile else model
     if compute.ddp:
@@ -349,7 +352,7 @@ def train(
                     # only the last micro-step all-reduces gradients; the others accumulate locally
                     train_module.require_backward_grad_sync = micro == grad_accum - 1
                 with compute.autocast(dtype):
-                    _, loss_sum = train_module(x, y, reduction="sum")
+                    _, loss_sum = train_module(x, y, reduction="sum", return_logits=not sparse_targets)
                 loss = loss_sum / norm
                 loss.backward()
                 loss_sum_all += loss.detach()

@@ -38,6 +38,26 @@ def test_loss_reductions_equal_cross_entropy_with_ignored_targets(model):
     torch.testing.assert_close(mean, reference[kept].mean())
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_loss_without_logits_equals_the_full_loss_and_its_gradients(reduction):
+    # instruction tuning's path: lm_head only where a target is, most of the batch being prompt
+    torch.manual_seed(0)
+    full, sparse = GPT(SMALL), GPT(SMALL)
+    sparse.load_state_dict(full.state_dict())
+    idx = torch.randint(0, 96, (3, 16))
+    targets = torch.randint(0, 96, (3, 16))
+    targets[:, :11] = IGNORE_INDEX
+    targets[1] = IGNORE_INDEX  # a row with no target at all
+    logits, loss = full(idx, targets, reduction=reduction)
+    none, sparse_loss = sparse(idx, targets, reduction=reduction, return_logits=False)
+    assert logits is not None and none is None
+    torch.testing.assert_close(sparse_loss, loss)
+    loss.backward()
+    sparse_loss.backward()
+    for (name, a), b in zip(full.named_parameters(), sparse.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
 def test_attention_is_causal(model):
     idx = torch.randint(0, 96, (1, 16))
     changed = idx.clone()

@@ -4,8 +4,8 @@
     python demo.py --source hub         # a slice of FineWeb-Edu and Dolly-15k instead (needs network)
     python demo.py --port 8001          # serve elsewhere (make demo PORT=8001); --no_serve to stop before
 
-Stages: make the corpus -> pretraining shards -> pretrain a tiny GPT from random weights ->
-instruction shards -> fine-tune it -> score both models on held-out instructions (HellaSwag for
+Stages: make the corpus -> pretraining shards -> instruction shards -> pretrain a tiny GPT from
+random weights -> fine-tune it -> score both models on held-out instructions (HellaSwag for
 --source hub) -> write each run's report (eval/report.py) -> serve both with gunicorn.
 
 Every stage runs the repo's own script in a subprocess and prints the command first, so any step
@@ -240,6 +240,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every stage, then serve until Ctrl-C; returns the exit code (2: the port is taken)."""
     args = parse_args(argv)
     paths = Paths(Path(args.work_dir), Path(args.runs_dir))
     if not args.no_serve and not port_is_free(args):  # before minutes of training, not after

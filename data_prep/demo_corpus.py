@@ -2,14 +2,15 @@
 
     python data_prep/demo_corpus.py                  # -> data/demo/source/{pretrain,instructions,heldout}.jsonl
 
-The world: sums and differences of small numbers, the larger or smaller of two numbers, the days
-of the week and the months (what comes after or before, days in a month, a month's number), how
-many items a short list holds, and three numbers in increasing order. It is written two ways:
+The world: sums of numbers from 1 to 5, the larger or smaller of two digits, the days of the week
+and the months (what comes after or before, days in a month, a month's number), how many items a
+short list holds, and three digits in increasing order. It is written two ways:
 
 - pretrain.jsonl: prose documents ({"text": ...}) stating every fact many times, in varied
-  sentences ("The sum of 7 and 5 is 12.", "Of 3 and 9, the larger is 9."), for
-  data_prep/fineweb.py --input. A model pretrained on it knows the facts but has never seen
-  the instruction format.
+  sentences ("The sum of 2 and 5 is 7.", "Of 3 and 9, the larger is 9.") and as questions
+  followed by their answers, as a FAQ would ("Which day follows Friday? Saturday."), for
+  data_prep/fineweb.py --input. A model pretrained on it has read the facts and the questions
+  but never the instruction template it will be asked in.
 - instructions.jsonl: {"instruction", "context", "response", "task"} records for
   data_prep/prepare_custom_dataset.py; counting and sorting put their list in the context.
 - heldout.jsonl: the same kind of records, each with "split" saying what fine-tuning never saw:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import socket
 import subprocess
@@ -29,6 +28,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.checkpoint import checkpoint_step, latest_checkpoint
 from model.cli import HelpFormatter
 
 ROOT = Path(__file__).resolve().parent
@@ -89,17 +89,13 @@ def fresh(output: Path, *inputs: Path) -> bool:
     return output.is_file() and all(output.stat().st_mtime >= i.stat().st_mtime for i in inputs if i.exists())
 
 
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    return sorted(int(m.group(1)) for p in run_dir.glob("step_*.pt") if (m := re.fullmatch(r"step_(\d+)\.pt", p.name)))
-
-
 def train(script: str, run_dir: Path, max_steps: int, flags: list[str]) -> None:
     """Run a training script unless run_dir already finished max_steps; resume it if it has started."""
-    steps = checkpoint_steps(run_dir)
-    if steps and steps[-1] >= max_steps:
-        print(f"{run_dir} has finished step {steps[-1]}: reused (delete it to train again)", flush=True)
+    latest = latest_checkpoint(run_dir)  # what --resume auto would pick
+    if latest is not None and checkpoint_step(latest) >= max_steps:
+        print(f"{run_dir} has finished step {checkpoint_step(latest)}: reused (delete it to train again)", flush=True)
         return
-    resume = ["--resume", "auto"] if steps else []
+    resume = ["--resume", "auto"] if latest is not None else []
     run([PY, script, "--out_dir", str(run_dir), "--max_steps", str(max_steps), *flags, *resume])
 
 

@@ -105,6 +105,18 @@ def _sort(rng: random.Random) -> Fact:
     return _fact("sort", ", ".join(map(str, sorted(nums))), nums=", ".join(map(str, nums)), said=_said(list(map(str, nums))))
 
 
+def _neighbour(unit: str, names: list[str], after: bool) -> Task:
+    """What comes after (or before) each day or month: one task, worded alike for both units."""
+    word, verb, shift = ("after", "follows", 1) if after else ("before", "precedes", -1)
+    return Task(
+        f"{unit}_{word}",
+        (f"The {unit} {word} {{{unit}}} is {{answer}}.", f"{word.capitalize()} {{{unit}}} comes {{answer}}."),
+        ((f"What {unit} comes {word} {{{unit}}}?", ""), (f"Which {unit} {verb} {{{unit}}}?", ""),
+         (f"What is the {unit} {word} {{{unit}}}?", ""), (f"Which {unit} is {word} {{{unit}}}?", "")),
+        ((f"Name the {unit} {word} {{{unit}}}.", ""),),
+        tuple(_fact(f"{unit}_{word}", names[(i + shift) % len(names)], **{unit: n}) for i, n in enumerate(names)))
+
+
 PAIRS = [(a, b) for a in range(1, 10) for b in range(1, 10) if a != b]
 TASKS = (
     Task("add",
@@ -125,30 +137,10 @@ TASKS = (
           ("Which number is less, {a} or {b}?", ""), ("Of {a} and {b}, which is smaller?", "")),
          (("Of {a} and {b}, which is less?", ""),),
          tuple(_fact("smaller", min(a, b), a=a, b=b) for a, b in PAIRS)),
-    Task("day_after",
-         ("The day after {day} is {answer}.", "After {day} comes {answer}."),
-         (("What day comes after {day}?", ""), ("Which day follows {day}?", ""), ("What is the day after {day}?", ""),
-          ("Which day is after {day}?", "")),
-         (("Name the day after {day}.", ""),),
-         tuple(_fact("day_after", DAYS[(i + 1) % 7], day=d) for i, d in enumerate(DAYS))),
-    Task("day_before",
-         ("The day before {day} is {answer}.", "Before {day} comes {answer}."),
-         (("What day comes before {day}?", ""), ("Which day precedes {day}?", ""), ("What is the day before {day}?", ""),
-          ("Which day is before {day}?", "")),
-         (("Name the day before {day}.", ""),),
-         tuple(_fact("day_before", DAYS[i - 1], day=d) for i, d in enumerate(DAYS))),
-    Task("month_after",
-         ("The month after {month} is {answer}.", "After {month} comes {answer}."),
-         (("What month comes after {month}?", ""), ("Which month follows {month}?", ""),
-          ("What is the month after {month}?", ""), ("Which month is after {month}?", "")),
-         (("Name the month after {month}.", ""),),
-         tuple(_fact("month_after", MONTHS[(i + 1) % 12][0], month=m) for i, (m, _) in enumerate(MONTHS))),
-    Task("month_before",
-         ("The month before {month} is {answer}.", "Before {month} comes {answer}."),
-         (("What month comes before {month}?", ""), ("Which month precedes {month}?", ""),
-          ("What is the month before {month}?", ""), ("Which month is before {month}?", "")),
-         (("Name the month before {month}.", ""),),
-         tuple(_fact("month_before", MONTHS[i - 1][0], month=m) for i, (m, _) in enumerate(MONTHS))),
+    _neighbour("day", DAYS, after=True),
+    _neighbour("day", DAYS, after=False),
+    _neighbour("month", [m for m, _ in MONTHS], after=True),
+    _neighbour("month", [m for m, _ in MONTHS], after=False),
     Task("month_days",
          ("{month} has {answer} days.", "There are {answer} days in {month}."),
          (("How many days are in {month}?", ""), ("How many days does {month} have?", ""),

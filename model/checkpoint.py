@@ -46,12 +46,18 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step a checkpoint file's name records, or None for a name that is no checkpoint's."""
+    m = _CKPT_NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """The step_*.pt files of a run, oldest first (temp files of interrupted saves never match)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _CKPT_NAME.match(p.name))]
+    found = [(step, p) for p in run_dir.iterdir() if (step := checkpoint_step(p)) is not None]
     return [p for _, p in sorted(found)]
 
 

@@ -1,5 +1,5 @@
 """What every script's command line shares. Kept free of torch, so scripts that never touch a
-model (data prep, reports, the demo driver) start fast."""
+model (data prep, reports) start fast."""
 
 import argparse
 

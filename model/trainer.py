@@ -310,8 +310,7 @@ def train(
             if stop.requested(compute):
                 path = save(step)
                 compute.print0(f"stopped by signal {stop.signum} after step {step}: saved {path}; rerun with --resume auto")
-                write_run_report(out_dir, compute)
-                return
+                break
             # evaluations never touch the training RNG streams, so turning them on changes no weights
             with torch.random.fork_rng(devices=[compute.device] if compute.device.type == "cuda" else []):
                 if last or (args.eval_every > 0 and step % args.eval_every == 0):

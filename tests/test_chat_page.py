@@ -61,7 +61,9 @@ def until(driver, condition, what: str):
 
 
 def assistant_texts(driver) -> list[str]:
-    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#messages .message.assistant")]
+    # textContent, not Selenium's .text: .text is the rendered text, which drops characters such as
+    # U+200B that a random-weight model can sample, and the page sends the raw textContent back
+    return [e.get_property("textContent") for e in driver.find_elements(By.CSS_SELECTOR, "#messages .message.assistant")]
 
 
 def send(driver, text: str, max_tokens: int, enter: bool = False) -> None:

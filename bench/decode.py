@@ -8,8 +8,8 @@ token reads every weight once, so tokens/s cannot exceed (read bandwidth) / (byt
     python bench/decode.py --device cuda --new_tokens 256
 
 What is timed: a whole request, prompt prefill included (16 tokens, a few % of the time), through
-model/engine.py's generate() (one-row engine, TextStream detokenizing as it goes, as the CLI runs
-it) and through transformers' generate(do_sample=False, use_cache=True) on the same weights,
+model/engine.py (one-row engine, TextStream detokenizing as it goes, weights packed by
+GPT.pack_for_cpu_inference() as the CLI and the server do on CPU) and through transformers' generate(do_sample=False, use_cache=True) on the same weights,
 exported with model/export_hf.py. Both are forced to produce exactly --new_tokens tokens (an
 <|endoftext|> cannot end either: random weights rarely pick it, and the count is checked). Runs
 alternate, after one warm-up each; the figure is the ratio of medians. The greedy tokens of the two
@@ -92,7 +92,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as hf_dir:
         export_hf(model, hf_dir)
         hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).to(device).eval()
-    model.to(device)
+    model.to(device).requires_grad_(False).pack_for_cpu_inference()  # as the server and the CLI do
     prompt = encode("The history of the printing press begins in the fifteenth century, when")[:16]
     n = args.new_tokens
 

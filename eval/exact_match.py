@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         for checkpoint in args.checkpoint:
             model, source = load_pretrained(checkpoint)
             name = Path(checkpoint).name if Path(checkpoint).is_dir() else checkpoint
-            answers[name] = answer(model.to(device), records, args.max_tokens)
+            model.to(device).requires_grad_(False).pack_for_cpu_inference()  # faster on CPU; nothing elsewhere
+            answers[name] = answer(model, records, args.max_tokens)
             results[name] = score(records, answers[name]) | {"checkpoint": source}
             print(format_score(name, results[name]))
     except (OSError, ValueError) as e:  # DataError is a ValueError

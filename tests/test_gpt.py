@@ -108,3 +108,32 @@ def test_flops_per_token_at_gpt2_124m_shape():
 def test_sequence_longer_than_block_size_is_refused(model):
     with pytest.raises(AssertionError, match="longer than block_size"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+
+def test_packed_cpu_inference_equals_plain_and_never_goes_stale(model):
+    idx = torch.randint(0, 96, (3, 16))
+    targets = torch.randint(0, 96, (3, 16))
+    with torch.inference_mode():
+        plain = model(idx)[0]
+    assert model.pack_for_cpu_inference()
+    assert not any("packed" in k for k in model.state_dict())  # the packed copies are not state
+    with torch.inference_mode():
+        torch.testing.assert_close(model(idx)[0], plain)
+        # each row gets the same logits alone as in a batch of three (decoding relies on it)
+        alone = torch.cat([model(idx[i : i + 1])[0] for i in range(3)])
+        assert torch.equal(alone, model(idx)[0])
+    # training computes with the live weights, and after an optimizer step inference does too
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _, loss = model(idx, targets)
+    loss.backward()
+    optimizer.step()
+    with torch.inference_mode():
+        after = model(idx)[0]
+    model.lm_head.packed = None
+    for block in model.transformer.h:
+        for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+            layer.packed = None
+    with torch.inference_mode():
+        assert torch.equal(after, model(idx)[0])
+    assert not torch.equal(after, plain)

@@ -41,12 +41,15 @@ class ModelInfo:
 def load_for_serving(path: Path, device: str | None) -> GPT:
     """The model of a checkpoint, ready for inference on device (default: CUDA if present, else CPU).
 
-    Runs in the engine thread: CUDA is initialised there, never in gunicorn's master.
+    Runs in the engine thread: CUDA is initialised there, never in gunicorn's master. On CPU the
+    weights are also packed for oneDNN (GPT.pack_for_cpu_inference): twice the memory, 2-4x the speed.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     model = model_from_checkpoint(load_checkpoint(path))
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model.pack_for_cpu_inference()
+    return model
 
 
 class ModelRegistry:

@@ -13,7 +13,8 @@ import os
 # gevent workers: thousands of idle or streaming connections per worker; the model runs in a
 # native thread of its own (web/scheduler.py), never on the gevent hub
 worker_class = "gevent"
-# one worker per GPU, or one on a small CPU box: each worker holds its own copy of every model
+# one worker per GPU (worker i serves on GPU i: pre_fork below), or one on a small CPU box; each
+# worker holds its own copy of every model
 workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
 bind = os.environ.get("NANOGPT_BIND", "127.0.0.1:8000")  # 0.0.0.0:8000 to listen on every interface
 # no preloading: the app (and torch, and the models) are imported in each worker after fork
@@ -31,3 +32,19 @@ loglevel = os.environ.get("NANOGPT_LOG_LEVEL", "info")
 os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 # torch.compile's inductor forks a compile pool, which hangs under gevent's patched threads
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+
+def pre_fork(server, worker):
+    """Number the worker about to start with the lowest slot no live worker holds, 0..workers-1.
+
+    Runs in the master, which adds each forked worker to server.WORKERS before the next pre_fork and
+    drops a dead one before replacing it: the replacement gets the dead worker's slot, so one
+    worker per GPU stays one worker per GPU (web/registry.py's default_device).
+    """
+    taken = {getattr(w, "nanogpt_slot", None) for w in server.WORKERS.values()}
+    worker.nanogpt_slot = next(i for i in range(len(taken) + 1) if i not in taken)
+
+
+def post_fork(server, worker):
+    """In the new worker, before it imports the app: tell web/app.py its slot."""
+    os.environ["NANOGPT_WORKER_SLOT"] = str(worker.nanogpt_slot)

@@ -5,6 +5,7 @@ against real gunicorn in test_serving.py."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 
 import gevent
@@ -17,6 +18,7 @@ from model.engine import Engine, SamplingParams, generate
 from model.gpt import GPTConfig
 from model.prompt import render_messages
 from model.tokenizer import encode
+from conftest import REPO_ROOT
 from serving import write_model
 from web.app import ServerConfig, create_app
 
@@ -150,3 +152,40 @@ def test_model_config_is_plain_data(tmp_path):
 def test_chat_page_is_served(tmp_path, page):
     response = make_client(tmp_path).get(page)
     assert response.status_code == 200 and response.data
+
+
+def test_workers_keep_one_slot_each_and_a_replacement_takes_the_dead_ones(monkeypatch):
+    import runpy
+    from types import SimpleNamespace
+
+    for name in ("OMP_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS", "NANOGPT_WORKER_SLOT"):
+        monkeypatch.setenv(name, "1")  # the config file sets defaults in os.environ; restored after the test
+    hooks = runpy.run_path(str(REPO_ROOT / "gunicorn_config.py"))
+    server = SimpleNamespace(WORKERS={})
+
+    def spawn(pid: int) -> int:  # what gunicorn's Arbiter.spawn_worker does around the fork
+        worker = SimpleNamespace()
+        hooks["pre_fork"](server, worker)
+        server.WORKERS[pid] = worker
+        hooks["post_fork"](server, worker)  # (in the child)
+        return int(os.environ["NANOGPT_WORKER_SLOT"])
+
+    assert [spawn(pid) for pid in (101, 102, 103, 104)] == [0, 1, 2, 3]
+    del server.WORKERS[103]  # slot 2 dies
+    assert spawn(105) == 2
+    del server.WORKERS[101], server.WORKERS[102]
+    assert [spawn(106), spawn(107)] == [0, 1]
+
+
+def test_default_device_puts_worker_slots_on_distinct_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert web.registry.default_device(3) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [web.registry.default_device(slot) for slot in range(6)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0", "cuda:1"]
+
+
+def test_create_app_passes_the_worker_slot_to_the_registry(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOGPT_WORKER_SLOT", "3")
+    app = create_app(ServerConfig(models_dir=str(tmp_path)))
+    assert app.extensions["nanogpt_registry"].gpu_slot == 3

@@ -73,8 +73,11 @@ def create_app(config: ServerConfig | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.url_map.merge_slashes = False  # an API answers, it does not redirect ("//v1" is a 404)
     threads = config.torch_threads or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    # this worker's number among the live ones, set by gunicorn_config.py's post_fork: its GPU
+    gpu_slot = int(os.environ.get("NANOGPT_WORKER_SLOT", "0"))
     registry = ModelRegistry(
-        config.models_dir, config.max_models, config.max_rows, config.max_waiting, threads, config.device or None
+        config.models_dir, config.max_models, config.max_rows, config.max_waiting, threads, config.device or None,
+        gpu_slot,
     )
     app.extensions["nanogpt_registry"] = registry
     get_tokenizer()  # built now, at worker start: building it later would stall the hub for a moment

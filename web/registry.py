@@ -38,13 +38,20 @@ class ModelInfo:
         return (self.id, str(self.checkpoint.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-def load_for_serving(path: Path, device: str | None) -> GPT:
-    """The model of a checkpoint, ready for inference on device (default: CUDA if present, else CPU).
+def default_device(gpu_slot: int) -> str:
+    """Where a worker serves when NANOGPT_DEVICE is unset: GPU gpu_slot (modulo the GPUs there are),
+    so that one worker per GPU spreads over all of them (gunicorn_config.py numbers the workers);
+    the CPU without a GPU."""
+    return f"cuda:{gpu_slot % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+
+
+def load_for_serving(path: Path, device: str | None, gpu_slot: int = 0) -> GPT:
+    """The model of a checkpoint, ready for inference on device (default: default_device(gpu_slot)).
 
     Runs in the engine thread: CUDA is initialised there, never in gunicorn's master. On CPU the
-    weights are also packed for oneDNN (GPT.pack_for_cpu_inference): twice the memory, 2-4x the speed.
+    weights are also packed for oneDNN (GPT.pack_for_cpu_inference): twice the memory, 3-4x the speed.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device(gpu_slot)
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     model = model_from_checkpoint(load_checkpoint(path))
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -63,11 +70,12 @@ class ModelRegistry:
         max_waiting: int = 64,
         torch_threads: int | None = None,
         device: str | None = None,
+        gpu_slot: int = 0,
     ):
         self.models_dir = Path(models_dir)
         self.max_models = max_models
         self.scheduler_args = {"max_rows": max_rows, "max_waiting": max_waiting, "torch_threads": torch_threads}
-        self.device = device
+        self.device, self.gpu_slot = device, gpu_slot
         self.loaded: OrderedDict[tuple, Scheduler] = OrderedDict()  # least recently used first
 
     def list(self) -> list[ModelInfo]:
@@ -107,7 +115,7 @@ class ModelRegistry:
                 self.loaded.pop(old).close()
         if len(self.loaded) >= self.max_models:
             raise Overloaded(f"{len(self.loaded)} models are loaded and busy (NANOGPT_MAX_MODELS={self.max_models})")
-        scheduler = Scheduler(lambda: load_for_serving(info.checkpoint, self.device), **self.scheduler_args)
+        scheduler = Scheduler(lambda: load_for_serving(info.checkpoint, self.device, self.gpu_slot), **self.scheduler_args)
         self.loaded[key] = scheduler
         return scheduler
 

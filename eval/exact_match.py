@@ -1,6 +1,6 @@
 """Exact-match accuracy of greedy answers to instruction records: did the model learn to answer?
 
-    python eval/exact_match.py --checkpoint checkpoints/demo/pretrain checkpoints/demo/sft \\
+    python eval/exact_match.py --checkpoint checkpoints/demo/pretrained checkpoints/demo/tuned \\
         --data data/demo/source/heldout.jsonl --show 3
 
 Each record ({"instruction", "context" (optional), "response"}, as for

@@ -203,9 +203,8 @@ class GPT(nn.Module):
         Decoding multiplies a few rows by every weight, and F.linear's MKL call reads the weights far
         below memory speed at that shape; through oneDNN the packed copy makes those products 3-4x
         faster for 1 to 16 rows at the 124M shape, and gives each row the same bits whatever the
-        batch (README, Benchmarks). It costs a
-        second copy of the weights in memory, so inference-only callers (the server, the CLI, eval)
-        ask for it; training never does. Returns False, changing nothing, where it does not apply
+        batch (README, Benchmarks). It costs a second copy of the weights in memory, so
+        inference-only callers (the server, the CLI, eval) ask for it; training never does. Returns False, changing nothing, where it does not apply
         (weights not on CPU or not float32/bfloat16, or a torch without oneDNN).
         """
         weight = self.lm_head.weight

@@ -10,10 +10,10 @@ token reads every weight once, so tokens/s cannot exceed (read bandwidth) / (byt
 What is timed: a whole request, prompt prefill included (16 tokens, a few % of the time), through
 model/engine.py (one-row engine, TextStream detokenizing as it goes, weights packed by
 GPT.pack_for_cpu_inference() as the CLI and the server do on CPU) and through transformers'
-generate(do_sample=False, use_cache=True) on the same weights, exported with model/export_hf.py. Both are forced to produce exactly --new_tokens tokens (an
-<|endoftext|> cannot end either: random weights rarely pick it, and the count is checked). Runs
-alternate, after one warm-up each; the figure is the ratio of medians. The greedy tokens of the two
-are compared as a check.
+generate(do_sample=False, use_cache=True) on the same weights, exported with model/export_hf.py.
+Both are forced to produce exactly --new_tokens tokens (an <|endoftext|> cannot end either: random
+weights rarely pick it, and the count is checked). Runs alternate, after one warm-up each; the
+figure is the ratio of medians. The greedy tokens of the two are compared as a check.
 
 The floor: read bandwidth is measured on the machine (a sum over a 1 GiB float32 tensor, best of 5),
 bytes per token = every weight read once (the tied embedding counted once, as the matmul reads it;

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import cpu_linear
+
 # Targets equal to this contribute no loss (prompt tokens in fine-tuning, padding). The data code
 # imports it from here; it is also F.cross_entropy's default.
 IGNORE_INDEX = -100
@@ -37,20 +39,22 @@ class GPTConfig:
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can also hold its weight packed for oneDNN, for inference on CPU.
+    """nn.Linear whose float32 products on CPU go through oneDNN (model/cpu_linear.py: about 2x
+    faster where torch's MKL takes a generic path, as on AMD CPUs), and which can hold its weight
+    packed for inference (GPT.pack_for_cpu_inference).
 
-    GPT.pack_for_cpu_inference() makes the packed copy. It is used only with gradients off and while
-    the weight is unchanged since packing (the weight's version counter: an optimizer step or
-    load_state_dict moves it), so a model that trains again never computes with stale weights.
+    The packed copy is used only without gradients and while the weight is unchanged since packing
+    (the weight's version counter: an optimizer step or load_state_dict moves it), so a model that
+    trains again never computes with stale weights.
     """
 
     packed: torch.Tensor | None = None  # a plain attribute, not a buffer: never in the state dict
     packed_version: int = -1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.packed is not None and not torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.dtype == self.packed.dtype and self.weight._version == self.packed_version):
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if cpu_linear.usable(x):
+            fresh = self.packed is not None and self.weight._version == self.packed_version
+            return cpu_linear.linear(x, self.weight, self.bias, self.packed if fresh else None)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -200,22 +204,18 @@ class GPT(nn.Module):
     def pack_for_cpu_inference(self) -> bool:
         """Keep a copy of every Linear weight in oneDNN's packed layout, for generating on CPU.
 
-        Decoding multiplies a few rows by every weight, and F.linear's MKL call reads the weights far
-        below memory speed at that shape; through oneDNN the packed copy makes those products 3-4x
-        faster for 1 to 16 rows at the 124M shape, and gives each row the same bits whatever the
+        Decoding multiplies a few rows by every weight; packed, those products are 3-4x faster than
+        F.linear for 1 to 16 rows at the 124M shape, and each row gets the same bits whatever the
         batch (README, Benchmarks). It costs a second copy of the weights in memory, so
-        inference-only callers (the server, the CLI, eval) ask for it; training never does. Returns False, changing nothing, where it does not apply
-        (weights not on CPU or not float32/bfloat16, or a torch without oneDNN).
+        inference-only callers (the server, the CLI, eval) ask for it; training never does. Returns
+        False, changing nothing, where it does not apply (weights not float32 on CPU, or a torch
+        without oneDNN).
         """
-        weight = self.lm_head.weight
-        supported = weight.dtype == torch.float32 or (
-            weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        if weight.device.type != "cpu" or not supported or not torch.backends.mkldnn.is_available():
+        if not cpu_linear.usable(self.lm_head.weight):
             return False
         for module in self.modules():
             if isinstance(module, Linear):
-                # the batch-size hint shapes the layout: any value from 2 up measured alike, 1 was 2x slower
-                module.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight, 16)
+                module.packed = cpu_linear.pack(module.weight)
                 module.packed_version = module.weight._version
         return True
 

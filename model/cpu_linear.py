@@ -4,8 +4,9 @@ Why: on AMD CPUs MKL takes its generic code path (MKL_VERBOSE says so on the 2-c
 repo is developed on) and reaches about half of what oneDNN, which picks its kernels from the CPU's
 features whoever made it, does with the same fp32 numbers. Measured there at the GPT-2 124M shape
 with 1024 rows: each forward, input-gradient and weight-gradient product about 2x faster; a whole
-124M training step 1.7x; a decode step of one row about 4x with packed weights. On Intel CPUs the
-two libraries are close. Results are fp32 (relative error 1e-6 against float64, as MKL's).
+124M training step 1.7x; a decode step of one row about 4x with packed weights. On Intel CPUs MKL
+takes its tuned path, so the gain there should be smaller (not measured: no Intel machine here).
+Results are fp32 (relative error 1e-6 against float64, as MKL's).
 
 model/gpt.py's Linear calls linear() for float32 on CPU; everything else keeps F.linear.
 """

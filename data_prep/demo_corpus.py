@@ -118,6 +118,20 @@ def _neighbour(unit: str, names: list[str], after: bool) -> Task:
 
 
 PAIRS = [(a, b) for a in range(1, 10) for b in range(1, 10) if a != b]
+
+
+def _comparison(word: str, synonym: str, pick: Callable[[int, int], int]) -> Task:
+    """The larger (or smaller) of two different digits: one task, worded alike for both; the held-out
+    phrasing uses the synonym the tuning phrasings use only once."""
+    return Task(
+        word,
+        (f"Of {{a}} and {{b}}, the {word} is {{answer}}.", f"{{answer}} is {word} than the other of {{a}} and {{b}}."),
+        ((f"Which is {word}, {{a}} or {{b}}?", ""), (f"Name the {word} number: {{a}} or {{b}}.", ""),
+         (f"Which number is {synonym}, {{a}} or {{b}}?", ""), (f"Of {{a}} and {{b}}, which is {word}?", "")),
+        ((f"Of {{a}} and {{b}}, which is {synonym}?", ""),),
+        tuple(_fact(word, pick(a, b), a=a, b=b) for a, b in PAIRS))
+
+
 TASKS = (
     Task("add",
          ("{a} plus {b} is {answer}.", "The sum of {a} and {b} is {answer}.", "Adding {a} and {b} gives {answer}."),
@@ -125,18 +139,8 @@ TASKS = (
           ("How much is {a} plus {b}?", "")),
          (("What is the sum of {a} and {b}?", ""),),
          tuple(_fact("add", a + b, a=a, b=b) for a in range(1, 6) for b in range(1, 6))),
-    Task("larger",
-         ("Of {a} and {b}, the larger is {answer}.", "{answer} is larger than the other of {a} and {b}."),
-         (("Which is larger, {a} or {b}?", ""), ("Name the larger number: {a} or {b}.", ""),
-          ("Which number is bigger, {a} or {b}?", ""), ("Of {a} and {b}, which is larger?", "")),
-         (("Of {a} and {b}, which is bigger?", ""),),
-         tuple(_fact("larger", max(a, b), a=a, b=b) for a, b in PAIRS)),
-    Task("smaller",
-         ("Of {a} and {b}, the smaller is {answer}.", "{answer} is smaller than the other of {a} and {b}."),
-         (("Which is smaller, {a} or {b}?", ""), ("Name the smaller number: {a} or {b}.", ""),
-          ("Which number is less, {a} or {b}?", ""), ("Of {a} and {b}, which is smaller?", "")),
-         (("Of {a} and {b}, which is less?", ""),),
-         tuple(_fact("smaller", min(a, b), a=a, b=b) for a, b in PAIRS)),
+    _comparison("larger", "bigger", max),
+    _comparison("smaller", "less", min),
     _neighbour("day", DAYS, after=True),
     _neighbour("day", DAYS, after=False),
     _neighbour("month", [m for m, _ in MONTHS], after=True),

@@ -15,7 +15,8 @@ exactly as tokens/s does.
 
 What is timed, per step and per model, with time.perf_counter around the whole step:
   ours  GPT (vocab padded to 50304) under torch.compile (unless --no_compile), loss from targets = the
-        inputs shifted by one, optimizer from GPT.configure_optimizer (fused AdamW on CPU)
+        inputs shifted by one (the loss-only forward where model/train_gpt2.py uses it: eager on CPU,
+        lm_head fused with the loss, model/lm_loss.py), optimizer from GPT.configure_optimizer (fused AdamW on CPU)
   HF    GPT2LMHeadModel (vocab 50257), attn_implementation="sdpa", all dropouts 0, labels = input ids
         (HF shifts them inside), use_cache=False as for any training, torch.optim.AdamW with its
         defaults (on CPU those resolve to the per-parameter loop; on CUDA to the foreach kernels)
@@ -43,6 +44,7 @@ import transformers
 from model.compute import BF16_PEAK_FLOPS
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import VOCAB_SIZE
+from model.trainer import loss_only_forward
 
 # name -> (n_layer, n_embd, n_head)
 SHAPES = {"small": (6, 384, 6), "124M": (12, 768, 12)}
@@ -63,11 +65,12 @@ def our_step(config: GPTConfig, compile_model: bool, device: torch.device, dtype
         weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95), device_type=device.type
     )
     forward = torch.compile(model) if compile_model else model
+    return_logits = not loss_only_forward("pretrain", device.type, compile_model)  # as model/train_gpt2.py calls it
 
     def step(batch: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, dtype):
-            _, loss = forward(batch[:, :-1], batch[:, 1:])
+            _, loss = forward(batch[:, :-1], batch[:, 1:], return_logits=return_logits)
         loss.backward()
         optimizer.step()
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import cpu_linear
+from model.lm_loss import lm_loss
 
 # Targets equal to this contribute no loss (prompt tokens in fine-tuning, padding). The data code
 # imports it from here; it is also F.cross_entropy's default.
@@ -183,14 +184,14 @@ class GPT(nn.Module):
         the per-token loss (B, T) with 0 at ignored positions. return_logits=False (with targets and
         a "mean" or "sum" reduction) returns no logits and runs lm_head only where there is a target:
         the same loss, far cheaper when most positions are ignored, as the prompts of instruction
-        tuning are (lm_head is most of a small model's compute).
+        tuning are (lm_head is most of a small model's compute), and on CPU fused with lm_head
+        (model/lm_loss.py).
         """
         B, T = idx.size()
         x = self.hidden(idx)  # (B, T, n_embd)
         if targets is not None and not return_logits and reduction != "none":
             keep = targets != IGNORE_INDEX
-            loss = F.cross_entropy(self.lm_head(x[keep]).float(), targets[keep], reduction=reduction)
-            return None, loss
+            return None, lm_loss(x[keep], self.lm_head, targets[keep], reduction)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         if targets is None:
             return logits, None

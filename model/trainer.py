@@ -230,6 +230,17 @@ def append_log(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def loss_only_forward(kind: str, device_type: str, compiled: bool) -> bool:
+    """Whether training steps call the model with return_logits=False.
+
+    The loss-only forward gathers the positions that have a target and runs lm_head on those alone:
+    most of the work saved in instruction tuning, where only response tokens are targets. Pretraining
+    targets every position; there the gather pays off only on CPU without compile, where the loss-only
+    path is fused with lm_head (model/lm_loss.py); on GPUs it would add a host sync, under compile a
+    graph break."""
+    return kind != "pretrain" or (device_type == "cpu" and not compiled)
+
+
 @torch.inference_mode()
 def evaluate_loss(model: GPT, loader: Loader, steps: int, compute: Compute, dtype: str) -> float:
     """Mean loss over every target token of `steps` micro-batches per rank (-1 = the whole split)."""
@@ -273,9 +284,7 @@ def train(
         if resume_ckpt:
             trim_log(log_path, start_step)
 
-    # instruction tuning has a target on the response tokens only: lm_head runs on those alone. Pretraining
-    # targets every position, where gathering them would only add a copy (and a graph break under compile).
-    sparse_targets = kind != "pretrain"
+    loss_only = loss_only_forward(kind, compute.device.type, args.compile)
     # compile and wrap only the module that trains; evaluation and checkpoints use the bare `model`
     train_module = torch.compile(model) if args.compile else model
     if compute.ddp:
@@ -351,7 +360,7 @@ def train(
                     # only the last micro-step all-reduces gradients; the others accumulate locally
                     train_module.require_backward_grad_sync = micro == grad_accum - 1
                 with compute.autocast(dtype):
-                    _, loss_sum = train_module(x, y, reduction="sum", return_logits=not sparse_targets)
+                    _, loss_sum = train_module(x, y, reduction="sum", return_logits=not loss_only)
                 loss = loss_sum / norm
                 loss.backward()
                 loss_sum_all += loss.detach()

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from model.checkpoint import checkpoint_step, latest_checkpoint
 from model.cli import HelpFormatter
+from model.cpu_linear import native_bf16
 
 ROOT = Path(__file__).resolve().parent
 PY = sys.executable
@@ -223,6 +224,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seq_len", type=int, default=128, help="context length, also the longest instruction example")
     g.add_argument("--pretrain_steps", type=int, default=600, help="pretraining steps of 8 x seq_len tokens")
     g.add_argument("--finetune_steps", type=int, default=2500, help="fine-tuning steps of 16 examples")
+    g.add_argument("--dtype", default="bfloat16" if native_bf16() else "auto", choices=["auto", "bfloat16", "float32"],
+                   help="both runs' --dtype; the default takes bf16 autocast on a CPU that multiplies bf16 natively "
+                        "(AVX512-BF16 or AMX: 1.5x faster steps than float32 on the dev box), else the scripts' auto")
     g.add_argument("--hub_tokens", type=int, default=2_000_000, help="FineWeb-Edu tokens to take with --source hub")
     g = parser.add_argument_group("serving")
     g.add_argument("--host", default="127.0.0.1", help="interface to listen on")
@@ -247,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     banner("4/8 pretraining a tiny GPT from random weights")
     # small batches, many steps: a tiny model learns facts from the number of updates more than from batch size
     train("model/train_gpt2.py", paths.pretrained, args.pretrain_steps, [
-        "--data_dir", str(paths.pretrain_data), *tiny_model_flags(args), "--batch_size", "8",
+        "--data_dir", str(paths.pretrain_data), *tiny_model_flags(args), "--dtype", args.dtype, "--batch_size", "8",
         "--total_batch_size", str(8 * args.seq_len), "--warmup_steps", str(max(1, args.pretrain_steps // 15)),
         "--max_lr", "3e-3", "--eval_every", str(max(1, args.pretrain_steps // 5)), "--val_steps", "8",
         "--save_every", str(max(1, args.pretrain_steps // 3)), "--hellaswag_every", "0", "--seed", str(args.seed),
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     banner("5/8 fine-tuning it to follow instructions (the pretrained model's answers are logged at step 0)")
     extra = ["--exact_match_data", str(paths.heldout)] if args.source == "builtin" else []
     train("model/finetune_dolly.py", paths.tuned, args.finetune_steps, [
-        "--data_dir", str(paths.instruction_data), "--pretrained_checkpoint", str(paths.pretrained),
+        "--data_dir", str(paths.instruction_data), "--pretrained_checkpoint", str(paths.pretrained), "--dtype", args.dtype,
         "--dropout", "0", "--batch_size", "16", "--total_batch_size", "16",
         "--warmup_steps", str(max(1, args.finetune_steps // 40)), "--max_lr", "2e-3",
         "--eval_every", str(max(1, args.finetune_steps // 4)), "--save_every", str(max(1, args.finetune_steps // 2)),

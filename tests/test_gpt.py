@@ -137,3 +137,26 @@ def test_packed_cpu_inference_equals_plain_and_never_goes_stale(model):
     with torch.inference_mode():
         assert torch.equal(after, model(idx)[0])
     assert not torch.equal(after, plain)
+
+
+def test_cpu_bf16_autocast_training_step_matches_float32():
+    # under CPU bf16 autocast the loss-only forward takes the bf16 fused loss and float32 attention;
+    # its loss and gradients must be float32's up to bf16 rounding, for every parameter
+    torch.manual_seed(0)
+    model = GPT(SMALL).train()
+    idx, targets = torch.randint(0, 96, (3, 16)), torch.randint(0, 96, (3, 16))
+    targets[0, :5] = IGNORE_INDEX
+
+    def loss_and_grads(bf16: bool):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            _, loss = model(idx, targets, return_logits=False)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    loss16, grads16 = loss_and_grads(True)
+    loss32, grads32 = loss_and_grads(False)
+    assert loss16.dtype == torch.float32
+    torch.testing.assert_close(loss16, loss32, rtol=1e-2, atol=0)
+    for name, g in grads32.items():
+        torch.testing.assert_close(grads16[name], g, rtol=0, atol=5e-2 * g.abs().max().item(), msg=name)

@@ -1,9 +1,10 @@
-"""model/lm_loss.py: the fused CPU loss equals F.cross_entropy of lm_head, value and gradients."""
+"""model/lm_loss.py: the fused CPU losses equal F.cross_entropy of lm_head, value and gradients."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from model import lm_loss as lm_loss_module
 from model.lm_loss import lm_loss
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
@@ -43,11 +44,43 @@ def test_in_place_log_softmax_is_bitwise_the_out_of_place_one():
     assert torch.equal(inplace, torch.log_softmax(logits, -1))
 
 
-def test_autocast_and_empty_targets_take_cross_entropy():
+def _autocast_reference(h, head, targets, reduction):
+    # what autocast gives without the fused path: bf16 logits, float32 cross-entropy
+    return F.cross_entropy(head(h).float(), targets, reduction=reduction)
+
+
+def _in_bf16_autocast(fn):
+    def run(*args):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn(*args)
+    return run
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("rows_at_once", [64, 5])  # all rows in one piece, or pieces with a short last one
+def test_bf16_autocast_loss_and_gradients_equal_autocast_cross_entropy(reduction, rows_at_once, monkeypatch):
+    monkeypatch.setattr(lm_loss_module, "CHUNK_BYTES", 4 * 400 * rows_at_once)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 400, bias=False)
+    h = torch.randn(37, 16) * 4
+    targets = torch.randint(0, 400, (37,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(lm_loss(h.requires_grad_(), head, targets, reduction).grad_fn).__name__.startswith("_LinearCrossEntropyBF16")
+    ours = _loss_and_grads(_in_bf16_autocast(lm_loss), h, head, targets, reduction, 0.25)
+    reference = _loss_and_grads(_in_bf16_autocast(_autocast_reference), h, head, targets, reduction, 0.25)
+    assert ours[0].dtype == torch.float32 and ours[2].dtype == torch.float32
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-5, atol=0)  # the same bf16 logits, float32 after
+    for a, b in zip(ours[1:], reference[1:]):  # bf16 products: equal to bf16's precision
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-2 * b.abs().max().item())
+    with torch.no_grad():  # validation: the loss alone, the same value
+        torch.testing.assert_close(_in_bf16_autocast(lm_loss)(h, head, targets, reduction), ours[0], rtol=0, atol=0)
+
+
+def test_other_cases_take_cross_entropy():
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 20, bias=False)
     h, targets = torch.randn(6, 8), torch.randint(0, 20, (6,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.float16):  # no fused path for float16
         torch.testing.assert_close(lm_loss(h, head, targets, "mean"), F.cross_entropy(head(h).float(), targets))
     empty = lm_loss(h[:0], head, targets[:0], "mean")
     assert torch.isnan(empty)  # as F.cross_entropy: a mean over no targets

@@ -68,6 +68,12 @@ class Task:
     statements: prose sentences. asked: instruction templates used in fine-tuning; new_asked: kept
     for the held-out set. Finite tasks list every fact in `facts`; list tasks (counting, sorting)
     have none there and `draw` one at random instead, as often as needed.
+
+    Each task is tuned in eight phrasings: with four, the tuned model took each wording as a key of
+    its own and failed wordings it had not seen (sorting asked "Put these numbers in increasing
+    order." was 0/20 in every run). No two tasks share a sentence frame, or one task's held-out
+    wording reads as the other's ("What is the larger of 2 and 4?" made "What is the sum of 2 and
+    4?" a comparison).
     """
 
     name: str
@@ -112,7 +118,9 @@ def _neighbour(unit: str, names: list[str], after: bool) -> Task:
         f"{unit}_{word}",
         (f"The {unit} {word} {{{unit}}} is {{answer}}.", f"{word.capitalize()} {{{unit}}} comes {{answer}}."),
         ((f"What {unit} comes {word} {{{unit}}}?", ""), (f"Which {unit} {verb} {{{unit}}}?", ""),
-         (f"What is the {unit} {word} {{{unit}}}?", ""), (f"Which {unit} is {word} {{{unit}}}?", "")),
+         (f"What is the {unit} {word} {{{unit}}}?", ""), (f"Which {unit} is {word} {{{unit}}}?", ""),
+         (f"Tell me the {unit} {word} {{{unit}}}.", ""), (f"What {unit} is {word} {{{unit}}}?", ""),
+         (f"Which {unit} comes {word} {{{unit}}}?", ""), (f"Say which {unit} {verb} {{{unit}}}.", "")),
         ((f"Name the {unit} {word} {{{unit}}}.", ""),),
         tuple(_fact(f"{unit}_{word}", names[(i + shift) % len(names)], **{unit: n}) for i, n in enumerate(names)))
 
@@ -127,7 +135,9 @@ def _comparison(word: str, synonym: str, pick: Callable[[int, int], int]) -> Tas
         word,
         (f"Of {{a}} and {{b}}, the {word} is {{answer}}.", f"{{answer}} is {word} than the other of {{a}} and {{b}}."),
         ((f"Which is {word}, {{a}} or {{b}}?", ""), (f"Name the {word} number: {{a}} or {{b}}.", ""),
-         (f"Which number is {synonym}, {{a}} or {{b}}?", ""), (f"Of {{a}} and {{b}}, which is {word}?", "")),
+         (f"Which number is {synonym}, {{a}} or {{b}}?", ""), (f"Of {{a}} and {{b}}, which is {word}?", ""),
+         (f"Say which is {word}: {{a}} or {{b}}.", ""), (f"Which of {{a}} and {{b}} is {word}?", ""),
+         (f"Pick the {word} number: {{a}} or {{b}}.", ""), (f"Between {{a}} and {{b}}, which is {word}?", "")),
         ((f"Of {{a}} and {{b}}, which is {synonym}?", ""),),
         tuple(_fact(word, pick(a, b), a=a, b=b) for a, b in PAIRS))
 
@@ -136,7 +146,8 @@ TASKS = (
     Task("add",
          ("{a} plus {b} is {answer}.", "The sum of {a} and {b} is {answer}.", "Adding {a} and {b} gives {answer}."),
          (("What is {a} plus {b}?", ""), ("Add {a} and {b}.", ""), ("What do {a} and {b} add up to?", ""),
-          ("How much is {a} plus {b}?", "")),
+          ("How much is {a} plus {b}?", ""), ("Compute {a} plus {b}.", ""), ("What does {a} plus {b} make?", ""),
+          ("Find the sum of {a} and {b}.", ""), ("What do you get when you add {a} and {b}?", "")),
          (("What is the sum of {a} and {b}?", ""),),
          tuple(_fact("add", a + b, a=a, b=b) for a in range(1, 6) for b in range(1, 6))),
     _comparison("larger", "bigger", max),
@@ -148,25 +159,33 @@ TASKS = (
     Task("month_days",
          ("{month} has {answer} days.", "There are {answer} days in {month}."),
          (("How many days are in {month}?", ""), ("How many days does {month} have?", ""),
-          ("How many days has {month}?", ""), ("Count the days of {month}.", "")),
+          ("How many days has {month}?", ""), ("Count the days of {month}.", ""),
+          ("How many days are there in {month}?", ""), ("Tell me how many days {month} has.", ""),
+          ("What is the number of days in {month}?", ""), ("How many days make up {month}?", "")),
          (("How long is {month} in days?", ""),),
          tuple(_fact("month_days", n, month=m) for m, n in MONTHS)),
     Task("month_number",
          ("{month} is month number {answer}.", "In the calendar, {month} is month {answer}."),
          (("What number is the month of {month}?", ""), ("Which month number is {month}?", ""),
-          ("What is the number of {month}?", ""), ("Which number does {month} have?", "")),
+          ("What is the number of {month}?", ""), ("Which number does {month} have?", ""),
+          ("Which number in the calendar is {month}?", ""), ("Tell me the number of {month}.", ""),
+          ("Which position does {month} have in the year?", ""), ("In the calendar, what number is {month}?", "")),
          (("Give the month number of {month}.", ""),),
          tuple(_fact("month_number", i + 1, month=m) for i, (m, _) in enumerate(MONTHS))),
     Task("count",
          ("Count {said} and you get {answer}.", "{said}: that makes {answer} things."),
          (("How many items are in this list?", "{items}"), ("Count the items.", "{items}"),
-          ("How many things are in the list?", "{items}"), ("Count the things in this list.", "{items}")),
+          ("How many things are in the list?", "{items}"), ("Count the things in this list.", "{items}"),
+          ("How many items does this list have?", "{items}"), ("Tell me how many things are listed.", "{items}"),
+          ("What is the number of items here?", "{items}"), ("Count these things.", "{items}")),
          (("How many things does the list hold?", "{items}"),),
          draw=_count),
     Task("sort",
          ("Sorted from smallest to largest, {said} are {answer}.", "In increasing order, {said} become {answer}."),
          (("Sort these numbers from smallest to largest.", "{nums}"), ("Sort the numbers.", "{nums}"),
-          ("Order these numbers from smallest to largest.", "{nums}"), ("Put the numbers in order.", "{nums}")),
+          ("Order these numbers from smallest to largest.", "{nums}"), ("Put the numbers in order.", "{nums}"),
+          ("Arrange these numbers from lowest to highest.", "{nums}"), ("Sort this list of numbers.", "{nums}"),
+          ("List these numbers from smallest to largest.", "{nums}"), ("Order the numbers, smallest first.", "{nums}")),
          (("Put these numbers in increasing order.", "{nums}"),),
          draw=_sort),
 )

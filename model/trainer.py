@@ -79,7 +79,8 @@ def add_training_args(
     g.add_argument("--resume", default=None, help='"auto" = the newest complete checkpoint in --out_dir, or a checkpoint path')
     g.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu; or e.g. cuda:1")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                   help="autocast dtype of the forward pass; auto = bfloat16 on CUDA, float32 elsewhere")
+                   help="autocast dtype of the forward pass; auto = bfloat16 on CUDA, float32 elsewhere. On a CPU "
+                        "that multiplies bf16 natively (AVX512-BF16 or AMX) bfloat16 steps are about 1.5x faster")
     g.add_argument("--compile", action="store_true", help="torch.compile the training module (evaluation uses the uncompiled one)")
     g.add_argument("--seed", type=int, default=1337, help="seed of the initialisation and of dropout (rank r uses seed + r)")
     g = parser.add_argument_group("optimisation")
@@ -112,7 +113,8 @@ def check_training_args(args: argparse.Namespace) -> None:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """"auto" is bfloat16 on a CUDA device that has it, float32 elsewhere (bf16 on CPU is slow)."""
+    """"auto" is bfloat16 on a CUDA device that has it, float32 elsewhere: on CPU bf16 is faster only
+    where the CPU multiplies it natively, and float32 keeps CPU runs exact, so there it is asked for."""
     if dtype != "auto":
         return dtype
     return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"

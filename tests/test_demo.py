@@ -18,7 +18,7 @@ from conftest import REPO_ROOT
 from test_hellaswag import free_port
 
 # a shorter, narrower run than make demo's (which is measured in the README): minutes on 2 CPU cores
-SHORT = ["--n_layer", "4", "--n_embd", "64", "--pretrain_steps", "150", "--finetune_steps", "1000"]
+SHORT = ["--n_layer", "4", "--n_embd", "64", "--pretrain_steps", "150", "--finetune_steps", "1000", "--finetune_batch_size", "16"]
 
 
 class Demo:

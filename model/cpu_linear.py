@@ -16,11 +16,15 @@ from __future__ import annotations
 import torch
 
 
+def _eager_onednn_cpu(x: torch.Tensor) -> bool:
+    # not under torch.compile, which chooses its own kernels; and a torch built with oneDNN
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available()
+
+
 def usable(x: torch.Tensor) -> bool:
     """Whether x can go through oneDNN here: float32 on CPU, no autocast (which would want bf16
     products), not under torch.compile (which chooses its own kernels), and a torch built with it."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available())
+    return _eager_onednn_cpu(x) and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
 
 
 def native_bf16() -> bool:
@@ -32,8 +36,7 @@ def native_bf16() -> bool:
 
 def usable_bf16(x: torch.Tensor) -> bool:
     """Whether x is under CPU bf16 autocast, outside torch.compile, with oneDNN to multiply in bf16."""
-    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-            and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available())
+    return _eager_onednn_cpu(x) and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

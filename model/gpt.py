@@ -12,6 +12,7 @@ lm_head), so model/export_hf.py only has to transpose the four Conv1D weights of
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -78,17 +79,16 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:  # inference (model/engine.py): store the new keys and values, attend over all cached ones
             k, v = cache.store(k, v)  # (B, nh, T_cached, hs)
         # flash / memory-efficient kernels where the device has them; without a mask it is the implicit causal one
-        mask = None if attn_mask is None else attn_mask.unsqueeze(1)
-        dropout_p = self.dropout if self.training else 0.0
+        precision = nullcontext()
         if cpu_linear.usable_bf16(q):
             # CPU bf16 autocast: torch's CPU flash attention is several times slower backward in bf16
             # than in float32 (measured 8x at the demo's shape), so attention alone stays float32
-            with torch.autocast("cpu", enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                                   is_causal=attn_mask is None, dropout_p=dropout_p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=attn_mask is None, dropout_p=dropout_p)
-        # (B, nh, T, hs)
+            q, k, v, precision = q.float(), k.float(), v.float(), torch.autocast("cpu", enabled=False)
+        with precision:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if attn_mask is None else attn_mask.unsqueeze(1), is_causal=attn_mask is None,
+                dropout_p=self.dropout if self.training else 0.0,
+            )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -5,6 +5,7 @@ at least 1.25x the tokens per second of HF's GPT-2 on a 2-core CPU, at a small s
 
     python bench/train_throughput.py                       # both shapes, B=8, T=256, our model compiled
     python bench/train_throughput.py --no_compile          # our model eager, to separate compile's share
+    python bench/train_throughput.py --no_compile --malloc default   # glibc's own large-block behaviour
     python bench/train_throughput.py --shapes small --steps 20 --threads 2
     python bench/train_throughput.py --device cuda --dtype bfloat16 --shapes 124M --batch_size 16 --seq_len 1024
 
@@ -21,6 +22,9 @@ What is timed, per step and per model, with time.perf_counter around the whole s
         (HF shifts them inside), use_cache=False as for any training, torch.optim.AdamW with its
         defaults (on CPU those resolve to the per-parameter loop; on CUDA to the foreach kernels)
 --dtype bfloat16 runs both forwards under the same bf16 autocast, as training does.
+On CPU the process first keeps freed memory for reuse as the training loop does (--malloc training,
+model/compute.keep_freed_cpu_memory): it is process-wide, so HF's steps get it too, and both skip
+page-faulting their large tensors in afresh every step. --malloc default leaves glibc as it is.
 Both see the same random token batches (seeded), B x T tokens per step. Steps alternate ours, HF, ours,
 HF, ... in one process, after --warmup untimed steps each (compilation happens there), so drift in
 clock speed or machine load hits both alike. tokens/s = B * T / median step time. On a shared VM the
@@ -41,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 import torch
 import transformers
 
-from model.compute import BF16_PEAK_FLOPS
+from model.compute import BF16_PEAK_FLOPS, keep_freed_cpu_memory
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import VOCAB_SIZE
 from model.trainer import loss_only_forward
@@ -139,6 +143,10 @@ def main() -> None:
     parser.add_argument(
         "--warmup", type=int, default=2, help="untimed steps per model first (compilation happens there)"
     )
+    parser.add_argument(
+        "--malloc", default="training", choices=["training", "default"],
+        help="training: keep freed CPU memory for reuse, as model/trainer.py does (both models); default: glibc's own",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = torch's default")
     parser.add_argument("--seed", type=int, default=1337, help="seed of weights and batches")
     args = parser.parse_args()
@@ -151,6 +159,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
+    kept = device.type == "cpu" and args.malloc == "training" and keep_freed_cpu_memory()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as training sets it
         gpu = torch.cuda.get_device_name(device)
@@ -161,7 +170,7 @@ def main() -> None:
     ours_label = "ours (eager)" if args.no_compile else "ours (torch.compile)"
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-        f"B={B} T={T}, {args.dtype}, {args.warmup} warm-up + {args.steps} timed steps per model, {device} {gpu}"
+        f"B={B} T={T}, {args.dtype}, {'freed memory kept' if kept else 'default malloc'}, {args.warmup} warm-up + {args.steps} timed steps per model, {device} {gpu}"
     )
     rows = []
     for shape in shapes:

@@ -7,7 +7,9 @@ multi-process runs, and their tests, work without a GPU.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -100,6 +102,32 @@ def setup_compute(device: str = "auto", seed: int = 1337) -> Compute:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     torch.manual_seed(seed)
     return Compute(device=dev, ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+# glibc's mallopt() parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Have glibc keep the memory that tensors free, for the next tensors of the same sizes.
+
+    Why: by default glibc serves every allocation over 32 MB with a fresh mmap and returns it to the
+    kernel when freed, and it hands the top of its heap back once 128 KB-64 MB of it are free. A CPU
+    training step allocates and frees the same large tensors every time (a 124M model's logits are
+    412 MB at 8 x 256 tokens, its activations over a GB), so each step page-faulted all of them in
+    again, zero-filled by the kernel: measured on the 2-core dev box, a GPT-2 124M step took 12.7 s
+    against 10.4 s with this, and the demo's 6 x 128 model 590 ms against 500 ms. The cost is that the
+    process keeps its peak memory (a training process soon returns to it anyway): 4.7 GB of resident
+    memory against 4.3 GB in that 124M run.
+
+    Process-wide, so the training loop calls it for CPU runs only; servers and the GPU path keep
+    glibc's defaults. Returns False, changing nothing, off glibc (macOS, musl).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    # mallopt takes an int: the largest one serves allocations up to 2 GB from the heap; -1 never trims it
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 2**31 - 1)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
 
 
 def cleanup(compute: Compute) -> None:

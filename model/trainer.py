@@ -41,7 +41,7 @@ from model.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from model.compute import Compute
+from model.compute import Compute, keep_freed_cpu_memory
 from model.gpt import GPT, IGNORE_INDEX
 
 BETAS = (0.9, 0.95)  # GPT-3's AdamW betas, as in GPT-2 reproductions
@@ -292,6 +292,8 @@ def train(
     if compute.ddp:
         train_module = DDP(train_module, device_ids=[compute.local_rank] if compute.device.type == "cuda" else None)
     peak_flops = compute.peak_flops()
+    if compute.device.type == "cpu":
+        keep_freed_cpu_memory()  # every step frees and allocates the same large tensors again
 
     def save(step: int) -> Path:
         rngs = compute.gather(rng_state())  # every rank's RNG, for an exact resume

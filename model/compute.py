@@ -115,10 +115,10 @@ def keep_freed_cpu_memory() -> bool:
     kernel when freed, and it hands the top of its heap back once 128 KB-64 MB of it are free. A CPU
     training step allocates and frees the same large tensors every time (a 124M model's logits are
     412 MB at 8 x 256 tokens, its activations over a GB), so each step page-faulted all of them in
-    again, zero-filled by the kernel: measured on the 2-core dev box, a GPT-2 124M step took 12.7 s
-    against 10.4 s with this, and the demo's 6 x 128 model 590 ms against 500 ms. The cost is that the
-    process keeps its peak memory (a training process soon returns to it anyway): 4.7 GB of resident
-    memory against 4.3 GB in that 124M run.
+    again, zero-filled by the kernel: measured on the 2-core dev box, a float32 GPT-2 124M step took
+    12.7 s against 10.4 s with this, the demo's 6 x 128 model 572 ms against 480 (360-388 against
+    307-314 in bf16). The cost is that the process keeps its peak memory (a training process soon
+    returns to it anyway): 4.7 GB resident against 4.3 GB in that 124M run.
 
     Process-wide, so the training loop calls it for CPU runs only; servers and the GPU path keep
     glibc's defaults. Returns False, changing nothing, off glibc (macOS, musl).

@@ -118,7 +118,8 @@ def keep_freed_cpu_memory() -> bool:
     again, zero-filled by the kernel: measured on the 2-core dev box, a float32 GPT-2 124M step took
     12.7 s against 10.4 s with this, the demo's 6 x 128 model 572 ms against 480 (360-388 against
     307-314 in bf16). The cost is that the process keeps its peak memory (a training process soon
-    returns to it anyway): 4.7 GB resident against 4.3 GB in that 124M run.
+    returns to it anyway), and a little more held apart by fragmentation before it settles: 4.7 GB
+    resident against 4.3 GB in that 124M run, 1.1-1.3 GB against 0.6-0.8 for the demo's model.
 
     Process-wide, so the training loop calls it for CPU runs only; servers and the GPU path keep
     glibc's defaults. Returns False, changing nothing, off glibc (macOS, musl).

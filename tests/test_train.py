@@ -6,6 +6,7 @@ checkpoints and exit codes are the ones a user gets.
 
 import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -246,8 +247,8 @@ def test_fresh_run_into_a_used_directory_is_refused(synthetic_shards, uninterrup
 
 
 # A step's pattern in small: fill a 64 MB tensor (over glibc's largest default mmap threshold) and a
-# small one that outlives it until the next round, free the big one; again and again. Prints the last round's page faults, and how much the
-# resident memory grew over the last four rounds.
+# small one that outlives it until the next round, free the big one; again and again. Prints the last
+# round's page faults, and how much the resident memory grew over the last four rounds.
 REFAULT_PROGRAM = """
 import resource, sys, torch
 from model.compute import keep_freed_cpu_memory
@@ -266,7 +267,7 @@ print(rounds[-1][0], rounds[-1][1] - rounds[-5][1])
 """
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator only")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
 def test_cpu_training_memory_is_reused_without_page_faults():
     """keep_freed_cpu_memory (called by the training loop on CPU): once warm, a tensor the size of one
     just freed reuses its memory instead of page-faulting every page in again, and memory stops growing."""

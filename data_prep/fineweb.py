@@ -48,7 +48,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make the repo root importable
 from model.atomic import remove_stale_temp_files  # noqa: E402
-from model.shards import SHARD_FORMAT, DataError, read_manifest, shard_name, write_manifest, write_shard  # noqa: E402
+from model.shards import (  # noqa: E402
+    SHARD_FORMAT, DataError, read_manifest, shard_intact, shard_name, write_manifest, write_shard,
+)
 from model.tokenizer import EOT, get_tokenizer  # noqa: E402
 
 PRODUCER = "data_prep/fineweb.py"
@@ -407,12 +409,7 @@ def finished_shards(out_dir: Path, identity: dict) -> tuple[list[dict], bool]:
             f"use another --out_dir, or delete {out_dir} to start over"
         )
     for i, entry in enumerate(manifest["shards"]):
-        try:
-            array = np.load(out_dir / entry["file"], mmap_mode="r", allow_pickle=False)
-            ok = array.shape == (entry["tokens"],) and array.dtype == np.uint16
-        except (OSError, ValueError, EOFError):  # missing, truncated or not an .npy file
-            ok = False
-        if not ok:
+        if not shard_intact(out_dir, entry):
             print(f"{entry['file']} is missing or cut short: preparing it again, and the shards after it")
             return manifest["shards"][:i], False
     return manifest["shards"], manifest["complete"]
@@ -433,6 +430,8 @@ def open_documents(args: argparse.Namespace, start_doc: int) -> tuple[int, Itera
 def prepare(args: argparse.Namespace) -> int:
     """Write or finish the shards and manifest that args describe; returns the exit code."""
     out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PrepError(f"--out_dir {out_dir} is a file: pass a directory for the shards")
     if args.input:
         source = [str(Path(p).resolve()) for p in args.input]
     else:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.atomic import atomic_write
-from model.compute import Compute, cleanup, setup_compute
+from model.compute import Compute, check_device, cleanup, setup_compute
 from model.gpt import GPT
 from model.pretrained import load_pretrained
 from model.tokenizer import VOCAB_SIZE, encode
@@ -326,6 +326,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("pass one of --checkpoint and --init_from")
     if args.batch_size < 1 or args.limit < 0:
         parser.error("--batch_size must be >= 1 and --limit >= 0")
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
     return args
 
 

@@ -75,19 +75,19 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
-def resolve_checkpoint(path: str | Path, producer: str) -> Path:
-    """A checkpoint file as given, or the newest one of a run directory.
+PRODUCERS = "model/train_gpt2.py or model/finetune_dolly.py"  # the scripts that write checkpoints
 
-    producer names the script that writes such checkpoints, for the error message.
-    """
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given, or the newest one of a run directory."""
     path = Path(path)
     if path.is_dir():
         latest = latest_checkpoint(path)
         if latest is None:
-            raise FileNotFoundError(f"no checkpoint in {path}: run {producer} first")
+            raise FileNotFoundError(f"no checkpoint in {path}: run {PRODUCERS} first")
         return latest
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: pass a step_*.pt file or a run directory, or run {producer} first")
+        raise FileNotFoundError(f"{path} does not exist: pass a step_*.pt file or a run directory, or run {PRODUCERS} first")
     return path
 
 
@@ -100,6 +100,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path} holds more than plain data and cannot be loaded safely: {e}") from None
+    except RuntimeError as e:  # a zip archive that is not a torch.save file, or one damaged inside
+        raise ValueError(f"{path} is damaged or not a checkpoint ({e}): delete it and use an earlier one") from None
     missing = {"model", "config", "step"} - set(ckpt) if isinstance(ckpt, dict) else {"model"}
     if missing:
         raise ValueError(f"{path} is not a checkpoint of this repo (missing {sorted(missing)})")
@@ -108,8 +110,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def model_from_checkpoint(ckpt: dict) -> GPT:
     """Rebuild the GPT of a loaded checkpoint, weights loaded strictly."""
-    model = GPT(GPTConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"], strict=True)
+    try:
+        model = GPT(GPTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"], strict=True)
+    except (TypeError, RuntimeError) as e:  # a config of other fields, or weights that do not fit it
+        raise ValueError(f"the checkpoint's weights do not match its config ({e}): it was not written by this repo") from None
     return model
 
 

@@ -74,6 +74,22 @@ class Compute:
         return next((peak for key, peak in BF16_PEAK_FLOPS.items() if key in name), None)
 
 
+def check_device(device: str) -> None:
+    """Refuse a device name this machine cannot run on (ValueError saying what to pass instead)."""
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device} is not a device: pass auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine (or this torch build) has no CUDA GPU: pass --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here: pass --device cpu or auto")
+
+
 def pick_device(device: str) -> str:
     """"auto" becomes cuda, then mps, then cpu, whichever is there first."""
     if device != "auto":

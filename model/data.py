@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from model.gpt import IGNORE_INDEX
-from model.shards import MANIFEST, DataError, load_shard, read_manifest
+from model.shards import MANIFEST, DataError, load_shard, read_manifest, shard_intact
 from model.tokenizer import EOT
 
 # what makes instruction data, named in the errors that tell a user to make some
@@ -45,9 +45,23 @@ class TokenShardLoader:
                 f"{data_dir} holds instruction data from {manifest['producer']}: fine-tune on it with "
                 f"model/finetune_dolly.py; pretraining reads shards from {producer}"
             )
+        # False while data prep is still running (or was stopped): what is there so far can be trained on
+        self.complete = manifest.get("complete", True)
         entries = [e for e in manifest["shards"] if e["split"] == split]
+        if not entries and self.complete:
+            raise DataError(
+                f"no {split} shards in {data_dir}: its corpus filled no more than the val shard; rerun {producer} "
+                "with a smaller --shard_size into a new --out_dir"
+            )
         if not entries:
-            raise DataError(f"no {split} shards in {data_dir}: run {producer} first (it may still be running)")
+            raise DataError(f"no {split} shards in {data_dir} yet: {producer} has not finished one (it may still be running)")
+        # every shard, now: a missing or cut-short one found hours into a run would stop it there
+        for e in entries:
+            if not shard_intact(data_dir, e):
+                raise DataError(
+                    f"{self.data_dir / e['file']} is missing or cut short (the manifest says {e['tokens']} tokens): "
+                    f"delete it and rerun {producer} (finished shards are kept)"
+                )
         need = self.B * self.T * self.world_size + 1
         self.entries = [e for e in entries if e["tokens"] >= need]
         if not self.entries:
@@ -73,10 +87,8 @@ class TokenShardLoader:
         start = self.pos + self.rank * span
         buf = torch.from_numpy(self._tokens[start : start + span + 1].astype(np.int64))
         x, y = buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
-        self.pos += span * self.world_size
-        if self.pos + span * self.world_size + 1 > len(self._tokens):
-            nxt = (self.shard + 1) % len(self.entries)
-            self.load_state_dict({"shard": nxt, "pos": 0, "epoch": self.epoch + (nxt == 0)})
+        # past the last window that fits, load_state_dict moves on to the next shard
+        self.load_state_dict({"shard": self.shard, "pos": self.pos + span * self.world_size, "epoch": self.epoch})
         return x, y
 
     def num_batches(self) -> int:
@@ -89,9 +101,20 @@ class TokenShardLoader:
         return {"shard": self.shard, "pos": self.pos, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
+        """Go to a position of state_dict(); one saved with other settings is taken to the nearest
+        position these settings can read (an exact resume needs the run's own data and batch shape)."""
+        if not 0 <= state["shard"] < len(self.entries):
+            raise DataError(
+                f"the position to resume from is {self.split} shard {state['shard']}, but {self.data_dir} has "
+                f"{len(self.entries)} {self.split} shards that fit a micro-batch: resume with the run's own "
+                "--data_dir, --batch_size and --seq_len"
+            )
         if state["shard"] != self.shard:
             self._tokens = self._load(state["shard"])
         self.shard, self.pos, self.epoch = state["shard"], state["pos"], state["epoch"]
+        if self.pos + self.B * self.T * self.world_size + 1 > len(self._tokens):  # a bigger batch than the run's
+            nxt = (self.shard + 1) % len(self.entries)
+            self.load_state_dict({"shard": nxt, "pos": 0, "epoch": self.epoch + (nxt == 0)})
 
 
 class InstructionLoader:
@@ -179,9 +202,7 @@ class InstructionLoader:
             x[row, : n - 1] = self.tokens[s : s + n - 1]
             targets = self.tokens[s + 1 : s + n].astype(np.int64)  # int64 first: -100 does not fit a uint16
             y[row, : n - 1] = np.where(self.mask[s + 1 : s + n] == 1, targets, IGNORE_INDEX)
-        self.batch += 1
-        if self.batch == len(self._plan):
-            self.load_state_dict({"epoch": self.epoch + 1, "batch": 0})
+        self.load_state_dict({"epoch": self.epoch, "batch": self.batch + 1})  # at the epoch's end, the next
         return torch.from_numpy(x), torch.from_numpy(y)
 
     def num_batches(self) -> int:
@@ -201,9 +222,13 @@ class InstructionLoader:
         return {"epoch": self.epoch, "batch": self.batch}
 
     def load_state_dict(self, state: dict) -> None:
+        """Go to a position of state_dict(); past the end of an epoch (a position saved with a bigger
+        batch than this run's plan holds), to the start of the next."""
         if state["epoch"] != self.epoch:
             self._plan = self._epoch_plan(state["epoch"])
         self.epoch, self.batch = state["epoch"], state["batch"]
+        if self.batch >= len(self._plan):
+            self.load_state_dict({"epoch": self.epoch + 1, "batch": 0})
 
 
 def load_instruction_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:

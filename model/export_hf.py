@@ -252,8 +252,10 @@ def main() -> None:
     parser.add_argument("--out_dir", required=True, help="directory to write config.json and model.safetensors to")
     args = parser.parse_args()
 
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        parser.error(f"--out_dir {args.out_dir} is a file: pass a directory for config.json and model.safetensors")
     try:
-        path = resolve_checkpoint(args.checkpoint, producer="model/train_gpt2.py")
+        path = resolve_checkpoint(args.checkpoint)
         model = model_from_checkpoint(load_checkpoint(path))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

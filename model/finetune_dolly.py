@@ -27,7 +27,6 @@ until it switches to dynamic shapes; it pays off on long runs only.
 import argparse
 import math
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make the repo root importable
@@ -42,11 +41,12 @@ from model.compute import Compute, cleanup, setup_compute
 from model.data import InstructionLoader
 from model.engine import SamplingParams, generate_batch
 from model.gpt import GPT
-from model.pretrained import load_pretrained
+from model.pretrained import load_pretrained, with_dropout
 from model.tokenizer import decode
 from model.trainer import (
     BETAS,
     add_training_args,
+    check_resume_step,
     check_training_args,
     accumulation_steps,
     load_resume_checkpoint,
@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "heldout.jsonl): every --eval_every steps, log the share answered exactly (eval/exact_match.py)")
     add_hellaswag_args(parser, every=0)  # e.g. --hellaswag_every 200: what tuning costs in general knowledge
     args = parser.parse_args(argv)
-    check_training_args(args)
+    check_training_args(parser, args)
     for name in ("batch_size", "total_batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
@@ -105,9 +105,7 @@ def starting_model(args: argparse.Namespace, resume_ckpt: dict | None) -> GPT:
             "--init_from gpt2, or --resume auto to continue a run"
         )
     base, _ = load_pretrained(args.pretrained_checkpoint, args.init_from)
-    model = GPT(replace(base.config, dropout=args.dropout))
-    model.load_state_dict(base.state_dict())
-    return model
+    return with_dropout(base, args.dropout)
 
 
 def sample_answers(loader: InstructionLoader, num_samples: int, max_tokens: int, compute: Compute):
@@ -145,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     compute = setup_compute(args.device, args.seed)
     try:
-        resume_ckpt = load_resume_checkpoint(args, compute, FRESH_HINT)
+        resume_ckpt = load_resume_checkpoint(args, compute, FRESH_HINT, "sft")
         model = starting_model(args, resume_ckpt)
         grad_accum = accumulation_steps(args.total_batch_size, {"batch_size": args.batch_size, "ranks": compute.world_size})
         block = model.config.block_size
@@ -155,13 +153,14 @@ def main(argv: list[str] | None = None) -> int:
                                        shuffle=False, block_size=block)
         hellaswag = hellaswag_evaluation(args, compute)
         exact_match = exact_match_evaluation(args.exact_match_data, compute) if args.exact_match_data else None
+        if args.max_steps == 0:
+            args.max_steps = math.ceil(args.epochs * train_loader.num_batches() / grad_accum)
+            compute.print0(f"{args.epochs:g} epochs of {train_loader.num_batches()} micro-batches = {args.max_steps} steps")
+        check_resume_step(resume_ckpt, args.max_steps)
     except (OSError, ValueError) as e:  # OSError: also the Hub out of reach; ValueError: also bad data
         compute.print0(f"error: {e}", file=sys.stderr)
         cleanup(compute)
         return 2
-    if args.max_steps == 0:
-        args.max_steps = math.ceil(args.epochs * train_loader.num_batches() / grad_accum)
-        compute.print0(f"{args.epochs:g} epochs of {train_loader.num_batches()} micro-batches = {args.max_steps} steps")
     torch.manual_seed(args.seed + compute.rank)  # dropout differs per rank; the init came from the checkpoint
     model.to(compute.device)
     optimizer = model.configure_optimizer(args.weight_decay, args.max_lr, BETAS, compute.device.type)

@@ -18,6 +18,7 @@ from model.atomic import atomic_write
 
 MANIFEST = "manifest.json"
 SHARD_FORMAT = "nanogpt-token-shards/1"
+ENTRY_KEYS = {"file", "split", "tokens", "sha256"}  # what every shard's manifest entry holds
 
 
 class DataError(ValueError):
@@ -62,9 +63,22 @@ def read_manifest(data_dir: str | Path, producer: str) -> dict | None:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path} is damaged ({e}): delete {data_dir} and rerun {producer}") from None
-    if manifest.get("format") != SHARD_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != SHARD_FORMAT:
         raise DataError(f"{path} is not a {SHARD_FORMAT} manifest: rerun {producer} into a new directory")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(e, dict) and ENTRY_KEYS <= e.keys() for e in shards):
+        raise DataError(f"{path} is damaged (its shard list is not what {producer} writes): delete {data_dir} and rerun {producer}")
     return manifest
+
+
+def shard_intact(data_dir: str | Path, entry: dict) -> bool:
+    """Whether a shard's file is there with the manifest's length: only its .npy header is read, so this
+    is cheap for any number of shards (load_shard also checks the sha256, reading the whole file)."""
+    try:
+        array = np.load(Path(data_dir) / entry["file"], mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError):  # missing, truncated or not an .npy file
+        return False
+    return array.ndim == 1 and len(array) == entry["tokens"]
 
 
 def load_shard(data_dir: str | Path, entry: dict, producer: str) -> np.ndarray:

@@ -3,7 +3,7 @@
 GPT-2 124M on FineWeb-Edu sample-10BT (the defaults: 0.5M-token batches, 19073 steps = 10B tokens):
     python data_prep/fineweb.py
     torchrun --standalone --nproc_per_node=8 model/train_gpt2.py      # 8 GPUs
-    python model/train_gpt2.py                                         # 1 GPU (gradient accumulation x32)
+    python model/train_gpt2.py                                         # 1 GPU (gradient accumulation x8)
 After an interruption (SIGTERM/SIGINT save a checkpoint; a kill loses only the steps since the last one):
     torchrun --standalone --nproc_per_node=8 model/train_gpt2.py --resume auto
 
@@ -31,11 +31,14 @@ from model.checkpoint import model_from_checkpoint
 from model.cli import HelpFormatter
 from model.compute import cleanup, setup_compute
 from model.data import TokenShardLoader
+from model.shards import DataError
 from model.export_hf import load_hf_model
 from model.gpt import GPT, GPTConfig
+from model.pretrained import with_dropout
 from model.trainer import (
     BETAS,
     add_training_args,
+    check_resume_step,
     check_training_args,
     accumulation_steps,
     load_resume_checkpoint,
@@ -63,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dropout", type=float, default=0.0)
     add_hellaswag_args(parser, every=250)
     args = parser.parse_args(argv)
-    check_training_args(args)
+    check_training_args(parser, args)
     for name in ("batch_size", "seq_len", "total_batch_size", "n_layer", "n_head", "n_embd"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
@@ -77,7 +80,7 @@ def build_model(args: argparse.Namespace, resume_ckpt: dict | None) -> GPT:
     if resume_ckpt is not None:
         return model_from_checkpoint(resume_ckpt)
     if args.init_from != "scratch":
-        return load_hf_model(args.init_from)
+        return with_dropout(load_hf_model(args.init_from), args.dropout)
     return GPT(GPTConfig(block_size=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                          dropout=args.dropout))
 
@@ -86,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     compute = setup_compute(args.device, args.seed)
     try:
-        resume_ckpt = load_resume_checkpoint(args, compute, "run without --resume to start a new run")
+        resume_ckpt = load_resume_checkpoint(args, compute, "run without --resume to start a new run", "pretrain")
+        check_resume_step(resume_ckpt, args.max_steps)
         model = build_model(args, resume_ckpt)
         if args.seq_len > model.config.block_size:
             raise ValueError(f"--seq_len {args.seq_len} exceeds the model's block_size {model.config.block_size}")
@@ -94,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
             args.total_batch_size, {"batch_size": args.batch_size, "seq_len": args.seq_len, "ranks": compute.world_size})
         loaders = [TokenShardLoader(args.data_dir, split, args.batch_size, args.seq_len, compute.rank,
                                     compute.world_size) for split in ("train", "val")]
+        if not loaders[0].complete:
+            compute.print0(f"warning: {args.data_dir} is still being prepared (or its preparation was stopped): "
+                           f"training on the {len(loaders[0].entries)} train shards finished so far")
         hellaswag = hellaswag_evaluation(args, compute)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # OSError: also the Hub out of reach for --init_from
         compute.print0(f"error: {e}", file=sys.stderr)
         cleanup(compute)
         return 2
@@ -106,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(args, compute, model, optimizer, *loaders, grad_accum=grad_accum, kind="pretrain", resume_ckpt=resume_ckpt,
               evaluations=[hellaswag] if hellaswag else [])
+    except DataError as e:  # a resume position these shards lack, or a shard damaged since the run began
+        compute.print0(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         cleanup(compute)
     return 0

@@ -32,16 +32,19 @@ from eval.report import write_report
 from model.atomic import remove_stale_temp_files
 from model.checkpoint import (
     checkpoint_path,
+    checkpoint_step,
+    is_complete,
     latest_checkpoint,
     load_checkpoint,
     list_checkpoints,
     model_state,
     prune_checkpoints,
+    resolve_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from model.compute import Compute, keep_freed_cpu_memory
+from model.compute import Compute, check_device, keep_freed_cpu_memory
 from model.gpt import GPT, IGNORE_INDEX
 
 BETAS = (0.9, 0.95)  # GPT-3's AdamW betas, as in GPT-2 reproductions
@@ -99,17 +102,23 @@ def add_training_args(
                    help="print a step's line every N steps (log.jsonl gets every step; a terminal also shows a progress bar)")
 
 
-def check_training_args(args: argparse.Namespace) -> None:
-    """Refuse flag values the loop cannot honour, with the flag named."""
+def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse flag values the loop cannot honour, before any work, with the flag named (exit 2)."""
     for name in ("max_steps", "max_lr", "warmup_steps", "eval_every", "save_every", "keep_last", "grad_clip"):
         if getattr(args, name) < 0:
-            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.log_every < 1:
-        raise ValueError(f"--log_every must be >= 1, got {args.log_every}")
+        parser.error(f"--log_every must be >= 1, got {args.log_every}")
     if args.val_steps == 0 or args.val_steps < -1:
-        raise ValueError(f"--val_steps must be >= 1 or -1 (the whole split), got {args.val_steps}")
+        parser.error(f"--val_steps must be >= 1 or -1 (the whole split), got {args.val_steps}")
     if not 0 <= args.min_lr_frac <= 1:
-        raise ValueError(f"--min_lr_frac must be within [0, 1], got {args.min_lr_frac}")
+        parser.error(f"--min_lr_frac must be within [0, 1], got {args.min_lr_frac}")
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        parser.error(f"--out_dir {args.out_dir} is a file: pass a directory for the run's checkpoints")
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
@@ -131,14 +140,22 @@ def get_lr(step: int, max_steps: int, max_lr: float, warmup_steps: int, min_lr_f
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
+SCRIPTS = {"pretrain": "model/train_gpt2.py", "sft": "model/finetune_dolly.py"}  # who writes each kind
+
+
 def find_resume_checkpoint(resume: str | None, out_dir: str | Path, fresh_hint: str) -> Path | None:
     """The checkpoint to resume from, or None for a fresh run.
 
     A fresh run into a directory that already holds checkpoints is refused rather than mixing two
     runs there. fresh_hint tells the user how to start anew when --resume auto finds nothing.
     """
+    existing = list_checkpoints(out_dir)
+    if resume in (None, "auto") and existing and not any(is_complete(p) for p in existing):
+        raise ValueError(
+            f"{out_dir} holds only incomplete checkpoints ({', '.join(p.name for p in existing)}), left by "
+            "interrupted saves: delete them and start a new run, or choose another --out_dir"
+        )
     if resume is None:
-        existing = list_checkpoints(out_dir)
         if existing:
             raise ValueError(
                 f"{out_dir} already holds {existing[-1].name}: pass --resume auto to continue that run, "
@@ -150,20 +167,41 @@ def find_resume_checkpoint(resume: str | None, out_dir: str | Path, fresh_hint: 
         if path is None:
             raise FileNotFoundError(f"--resume auto: no checkpoint in {out_dir} to resume: {fresh_hint}")
         return path
-    path = Path(resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
-    return path
+    return resolve_checkpoint(resume)  # a step_*.pt file, or a run directory's newest
 
 
-def load_resume_checkpoint(args: argparse.Namespace, compute: Compute, fresh_hint: str) -> dict | None:
-    """The loaded checkpoint that --resume names (see find_resume_checkpoint), or None for a fresh run."""
+def load_resume_checkpoint(args: argparse.Namespace, compute: Compute, fresh_hint: str, kind: str) -> dict | None:
+    """The loaded checkpoint that --resume names (see find_resume_checkpoint), or None for a fresh run.
+
+    Refused: a checkpoint of another script (kind), one without the training state, and resuming into
+    an --out_dir whose checkpoints the run's own would mix with: those of another run, or later ones
+    of this run (--keep_last would delete the wrong ones, --resume auto later pick the wrong newest).
+    """
     path = find_resume_checkpoint(args.resume, args.out_dir, fresh_hint)
     if path is None:
         return None
     ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != kind:
+        writer = SCRIPTS.get(ckpt.get("kind"), "another program")
+        raise ValueError(f"{path} was written by {writer}, not {SCRIPTS[kind]}: resume it with {writer}")
+    if not {"optimizer", "loader", "rng"} <= ckpt.keys():
+        raise ValueError(f"{path} holds weights only, no training state (optimizer, loader position, RNG) to resume")
+    own = path.resolve().parent == Path(args.out_dir).resolve()
+    others = [p for p in list_checkpoints(args.out_dir) if is_complete(p) and (not own or checkpoint_step(p) > ckpt["step"])]
+    if others:
+        whose = f"later than step {ckpt['step']} of {path}" if own else f"of another run than {path}'s"
+        raise ValueError(
+            f"{args.out_dir} already holds {others[-1].name}, {whose}: choose another --out_dir for the resumed "
+            "run, or move those checkpoints away"
+        )
     compute.print0(f"resuming from {path} (step {ckpt['step']})")
     return ckpt
+
+
+def check_resume_step(ckpt: dict | None, max_steps: int) -> None:
+    """Refuse to resume a run already past --max_steps: it would do nothing and report success."""
+    if ckpt is not None and ckpt["step"] > max_steps:
+        raise ValueError(f"the checkpoint is at step {ckpt['step']}, past --max_steps {max_steps}: pass a larger --max_steps")
 
 
 def accumulation_steps(total_batch_size: int, factors: dict[str, int]) -> int:
@@ -221,7 +259,12 @@ def trim_log(path: Path, step: int) -> None:
     the resumed run redoes that work and logs it again."""
     if not path.is_file():
         return
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in filter(str.strip, path.read_text().splitlines()):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash mid-write: the resumed run redoes its step
+            print(f"warning: dropping a damaged line of {path}: {line[:80]!r}")
     kept = [r for r in records if r["step"] < step or (r["step"] == step and "train_loss" in r)]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
@@ -340,7 +383,11 @@ def train(
                             compute.print0(f"step {step:6d} | " + " | ".join(f"{k} {v:.4f}" for k, v in printable.items()))
                         if compute.master:
                             append_log(log_path, {"step": step, **metrics})
-            if step > start_step and (last or (args.save_every > 0 and step % args.save_every == 0)):
+            # every --save_every steps and at the end, never the checkpoint a resumed run started from; a
+            # fresh --max_steps 0 run ends at once and saves its starting weights (--init_from gpt2 in our format)
+            if (step > start_step or resume_ckpt is None) and (
+                last or (step > 0 and args.save_every > 0 and step % args.save_every == 0)
+            ):
                 save(step)
             if last:
                 break

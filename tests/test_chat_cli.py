@@ -53,7 +53,7 @@ def test_streams_the_answer_byte_exact_and_leaves_at_end_of_input(models):
 
 
 def test_multi_turn_reset_and_quit_match_the_engine_on_the_rendered_history(models):
-    model = model_from_checkpoint(load_checkpoint(resolve_checkpoint(models / "random", ""))).eval()
+    model = model_from_checkpoint(load_checkpoint(resolve_checkpoint(models / "random"))).eval()
     params = SamplingParams(temperature=0, max_tokens=8)
     reply = lambda messages: "".join(generate(model, encode(render_messages(messages)), params))  # noqa: E731
     system = {"role": "system", "content": "Be brief."}

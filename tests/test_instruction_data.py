@@ -649,6 +649,16 @@ def test_state_dict_resumes_the_exact_batch_sequence(loader_data, bucket):
     assert a.state_dict() == b.state_dict() and a.state_dict()["epoch"] == 2
 
 
+def test_a_position_past_this_plans_epoch_goes_on_from_the_next(loader_data):
+    out, _ = loader_data
+    small = InstructionLoader(out, "train", 1, seed=5)
+    small.load_state_dict({"epoch": 0, "batch": small.num_batches() - 1})  # saved with 1-example batches
+    big = InstructionLoader(out, "train", 3, seed=5)  # resumed with 3: that batch is past the epoch's 13
+    big.load_state_dict(small.state_dict())
+    assert big.state_dict() == {"epoch": 1, "batch": 0}
+    big.next_batch()
+
+
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_two_ranks_together_read_what_one_rank_reads_at_the_same_global_batch(loader_data, shuffle):
     out, expected = loader_data

@@ -20,6 +20,8 @@ import torch
 
 from conftest import REPO_ROOT, make_shards
 from model.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from model.export_hf import export_hf, load_hf_model
+from model.gpt import GPT, GPTConfig
 from model.tokenizer import EOT, encode
 from model.trainer import get_lr
 
@@ -206,9 +208,9 @@ def test_lr_schedule_warms_up_then_decays_to_ten_percent():
     assert lrs[100] == pytest.approx(0.1)
 
 
-def bad_run(args, tmp_path):
+def bad_run(args, tmp_path, env=ENV):
     proc = subprocess.run([sys.executable, "model/train_gpt2.py", *TINY, "--out_dir", str(tmp_path / "out"), *args],
-                          cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     return proc.stderr
@@ -220,12 +222,91 @@ def test_no_shards_says_to_run_data_prep(tmp_path):
     assert "run data_prep/fineweb.py first" in err
 
 
-def test_truncated_shard_is_refused(synthetic_shards, tmp_path):
+@pytest.mark.parametrize("name", ["train_000001.npy", "train_000002.npy"])  # read at once / hours later
+def test_truncated_shard_is_refused_before_training(synthetic_shards, tmp_path, name):
     data = shutil.copytree(synthetic_shards, tmp_path / "data")
-    shard = data / "train_000001.npy"
+    shard = data / name
     shard.write_bytes(shard.read_bytes()[:-1000])
     err = bad_run(["--data_dir", str(data), "--total_batch_size", "128"], tmp_path)
-    assert "train_000001.npy" in err and "data_prep/fineweb.py" in err
+    assert name in err and "data_prep/fineweb.py" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max_steps", "-1"], "--max_steps must be >= 0"),
+    (["--device", "bogus"], "--device bogus is not a device"),
+    (["--device", "cuda:99"], "--device cuda:99"),
+])
+def test_bad_flags_are_refused_before_any_work(synthetic_shards, tmp_path, args, message):
+    err = bad_run(["--data_dir", str(synthetic_shards), "--total_batch_size", "128", *args], tmp_path)
+    assert message in err
+
+
+def test_out_dir_that_is_a_file_is_refused(synthetic_shards, tmp_path):
+    (tmp_path / "out").write_text("notes")
+    err = bad_run(["--data_dir", str(synthetic_shards), "--total_batch_size", "128"], tmp_path)
+    assert "is a file" in err and (tmp_path / "out").read_text() == "notes"
+
+
+def run_files(out_dir):
+    """Every file of a run directory and its bytes: what a refused resume must leave as it was."""
+    return {p.name: p.read_bytes() for p in sorted(Path(out_dir).iterdir())}
+
+
+def retagged(ckpt_path, dest, **changes):
+    """A copy of a checkpoint with some of its entries replaced, as dest/step_*.pt."""
+    ckpt = load_checkpoint(ckpt_path) | changes
+    save_checkpoint(ckpt, Path(dest) / ckpt_path.name)
+    return Path(dest) / ckpt_path.name
+
+
+@pytest.mark.parametrize("case", ["later_checkpoints", "another_runs_checkpoints", "past_max_steps", "other_script"])
+def test_resume_that_would_mix_runs_or_do_nothing_is_refused(synthetic_shards, uninterrupted, tmp_path, case):
+    out = shutil.copytree(uninterrupted, tmp_path / "out")
+    args = ["--data_dir", str(synthetic_shards), "--total_batch_size", "128", "--max_steps", "20", "--save_every", "2"]
+    if case == "later_checkpoints":  # going back to step 8 in a directory whose newest is 16
+        args += ["--resume", str(out / "step_000008.pt")]
+        expected = "already holds step_000016.pt, later than step 8"
+    elif case == "another_runs_checkpoints":  # continuing some other run's checkpoint into this directory
+        args += ["--resume", str(retagged(out / "step_000008.pt", tmp_path / "elsewhere"))]
+        expected = "already holds step_000016.pt, of another run"
+    elif case == "past_max_steps":
+        args[args.index("20")] = "10"
+        args += ["--resume", "auto"]
+        expected = "at step 16, past --max_steps 10"
+    else:
+        retagged(out / "step_000016.pt", out, kind="sft")
+        args += ["--resume", "auto"]
+        expected = "written by model/finetune_dolly.py, not model/train_gpt2.py"
+    before = run_files(out)
+    err = bad_run(args, tmp_path)
+    assert expected in err
+    assert run_files(out) == before  # no checkpoint pruned, no log trimmed, args.json as it was
+
+
+def test_resume_with_a_bigger_batch_goes_on_from_the_next_window(synthetic_shards, uninterrupted, tmp_path):
+    """Not exact (the batch shape changed), but it must run: the saved position leaves room for a
+    4 x 32 micro-batch and not for an 8 x 32 one, so the loader moves on to the next shard."""
+    last_window = 20_000 - 4 * 32 - 1
+    retagged(uninterrupted / "step_000016.pt", tmp_path / "out", loader={"shard": 0, "pos": last_window, "epoch": 0})
+    run_train(synthetic_shards, tmp_path / "out", "--batch_size", "8", "--total_batch_size", "256",
+              "--max_steps", "18", "--resume", "auto")
+    assert final_weights(tmp_path / "out", 18)
+    retagged(uninterrupted / "step_000016.pt", tmp_path / "gone", loader={"shard": 5, "pos": 0, "epoch": 0})
+    err = bad_run(["--data_dir", str(synthetic_shards), "--total_batch_size", "128", "--max_steps", "18",
+                   "--out_dir", str(tmp_path / "gone"), "--resume", "auto"], tmp_path)
+    assert "train shard 5" in err and "has 2 train shards" in err
+
+
+def test_resume_drops_a_log_line_cut_short_by_a_crash(synthetic_shards, uninterrupted, tmp_path):
+    out = shutil.copytree(uninterrupted, tmp_path / "out")
+    for p in out.glob("step_00001[26].pt"):
+        p.unlink()  # the crash came before step 12's save; the log got a half line of step 9
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 9, "train_lo')
+    proc = run_train(synthetic_shards, out, *STEPS, "--resume", "auto")
+    assert "dropping a damaged line" in proc.stdout
+    assert [r["step"] for r in log_records(out)] == [r["step"] for r in log_records(uninterrupted)]
 
 
 def test_resume_auto_with_nothing_to_resume(synthetic_shards, tmp_path):
@@ -236,6 +317,30 @@ def test_resume_auto_with_nothing_to_resume(synthetic_shards, tmp_path):
 def test_batch_that_does_not_divide(synthetic_shards, tmp_path):
     err = bad_run(["--data_dir", str(synthetic_shards), "--total_batch_size", "200"], tmp_path)
     assert "--total_batch_size 200 must be a multiple of" in err and "128" in err
+
+
+def test_init_from_the_hub_offline_says_to_pass_a_local_directory(synthetic_shards, tmp_path):
+    # offline mode fails before any request; the empty HF_HOME keeps a cached gpt2 from answering
+    env = dict(ENV, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    err = bad_run(["--data_dir", str(synthetic_shards), "--total_batch_size", "128", "--init_from", "gpt2"], tmp_path, env)
+    assert "could not fetch" in err and "Pass a local directory in HF format" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_steps_0_saves_the_starting_weights(synthetic_shards, tmp_path):
+    """--init_from DIR --max_steps 0: the starting model's val loss, and its weights in this repo's format."""
+    hf_dir = tmp_path / "hf"
+    export_hf(GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)), hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps(config | {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}))
+    out = tmp_path / "ref"
+    run_train(synthetic_shards, out, "--total_batch_size", "128", "--init_from", hf_dir, "--max_steps", "0")
+    assert_bitwise_equal(final_weights(out, 0), load_hf_model(str(hf_dir)).state_dict())
+    assert load_checkpoint(out / "step_000000.pt")["config"]["dropout"] == 0.0  # --dropout's, not OpenAI's 0.1
+    assert [r["step"] for r in log_records(out)] == [0] and "val_loss" in log_records(out)[0]
+    saved = (out / "step_000000.pt").stat().st_mtime_ns
+    run_train(synthetic_shards, out, "--total_batch_size", "128", "--max_steps", "0", "--resume", "auto")
+    assert (out / "step_000000.pt").stat().st_mtime_ns == saved  # a resumed run never rewrites its start
 
 
 def test_fresh_run_into_a_used_directory_is_refused(synthetic_shards, uninterrupted, tmp_path):

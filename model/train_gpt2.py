@@ -60,10 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = parser.add_argument_group("model (ignored with --resume, which takes the checkpoint's)")
     g.add_argument("--init_from", default="scratch",
                    help="scratch (random GPT-2 init), a Hugging Face GPT-2 name (gpt2, gpt2-medium, ...) or a local HF directory")
-    g.add_argument("--n_layer", type=int, default=12)
+    g.add_argument("--n_layer", type=int, default=12, help="with --init_from, the pretrained model's shape is used")
     g.add_argument("--n_head", type=int, default=12)
     g.add_argument("--n_embd", type=int, default=768)
-    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--dropout", type=float, default=0.0, help="also with --init_from (OpenAI's config says 0.1)")
     add_hellaswag_args(parser, every=250)
     args = parser.parse_args(argv)
     check_training_args(parser, args)

@@ -95,7 +95,8 @@ def add_training_args(
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this; 0 = no clipping")
     g = parser.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval_every", type=int, default=eval_every, help="validation loss every N steps; 0 = only at the end")
-    g.add_argument("--val_steps", type=int, default=val_steps, help="micro-batches per rank per validation (N ranks read N times the tokens); -1 = the whole val split")
+    g.add_argument("--val_steps", type=int, default=val_steps, help="micro-batches per rank per validation (N ranks read N times the tokens); -1 = the whole val split, "
+                        "as is any number beyond it (each batch is read once)")
     g.add_argument("--save_every", type=int, default=save_every, help="checkpoint every N steps; 0 = only at the end")
     g.add_argument("--keep_last", type=int, default=3, help="keep the newest N checkpoints; 0 = keep all")
     g.add_argument("--log_every", type=int, default=1,
@@ -288,11 +289,12 @@ def loss_only_forward(kind: str, device_type: str, compiled: bool) -> bool:
 
 @torch.inference_mode()
 def evaluate_loss(model: GPT, loader: Loader, steps: int, compute: Compute, dtype: str) -> float:
-    """Mean loss over every target token of `steps` micro-batches per rank (-1 = the whole split)."""
+    """Mean loss over every target token of `steps` micro-batches per rank (-1, or more than the split
+    holds: the whole split, each batch once)."""
     model.eval()
     loader.reset()
     totals = torch.zeros(2, device=compute.device)  # summed loss, target tokens
-    for _ in range(loader.num_batches() if steps == -1 else steps):
+    for _ in range(loader.num_batches() if steps == -1 else min(steps, loader.num_batches())):
         x, y = loader.next_batch()
         x, y = x.to(compute.device), y.to(compute.device)
         with compute.autocast(dtype):

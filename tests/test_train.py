@@ -343,6 +343,15 @@ def test_max_steps_0_saves_the_starting_weights(synthetic_shards, tmp_path):
     assert (out / "step_000000.pt").stat().st_mtime_ns == saved  # a resumed run never rewrites its start
 
 
+def test_val_steps_beyond_the_split_reads_it_once(synthetic_shards, tmp_path):
+    losses = []
+    for val_steps in ("-1", "100000"):  # the val shard holds 156 micro-batches of 4 x 32
+        out = tmp_path / val_steps
+        run_train(synthetic_shards, out, "--total_batch_size", "128", "--max_steps", "0", "--val_steps", val_steps)
+        losses.append(log_records(out)[0]["val_loss"])
+    assert losses[0] == losses[1]
+
+
 def test_fresh_run_into_a_used_directory_is_refused(synthetic_shards, uninterrupted, tmp_path):
     out = shutil.copytree(uninterrupted, tmp_path / "out")
     before = sorted(p.name for p in out.iterdir())

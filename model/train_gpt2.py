@@ -31,10 +31,10 @@ from model.checkpoint import model_from_checkpoint
 from model.cli import HelpFormatter
 from model.compute import cleanup, setup_compute
 from model.data import TokenShardLoader
-from model.shards import DataError
 from model.export_hf import load_hf_model
 from model.gpt import GPT, GPTConfig
 from model.pretrained import with_dropout
+from model.shards import DataError
 from model.trainer import (
     BETAS,
     add_training_args,

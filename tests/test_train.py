@@ -343,6 +343,14 @@ def test_max_steps_0_saves_the_starting_weights(synthetic_shards, tmp_path):
     assert (out / "step_000000.pt").stat().st_mtime_ns == saved  # a resumed run never rewrites its start
 
 
+def test_data_still_being_prepared_is_trained_on_with_a_warning(synthetic_shards, tmp_path):
+    data = shutil.copytree(synthetic_shards, tmp_path / "data")
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps(manifest | {"complete": False}))
+    proc = run_train(data, tmp_path / "out", "--total_batch_size", "128", "--max_steps", "1")
+    assert "still being prepared" in proc.stdout and "the 2 train shards finished so far" in proc.stdout
+
+
 def test_val_steps_beyond_the_split_reads_it_once(synthetic_shards, tmp_path):
     losses = []
     for val_steps in ("-1", "100000"):  # the val shard holds 156 micro-batches of 4 x 32

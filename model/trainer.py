@@ -220,8 +220,14 @@ def accumulation_steps(total_batch_size: int, factors: dict[str, int]) -> int:
 
 
 def restore_training_state(ckpt: dict, compute: Compute, optimizer: torch.optim.Optimizer, train_loader: Loader) -> int:
-    """Put the optimizer, loader and RNGs back where a checkpoint left them; return its step."""
+    """Put the optimizer, loader and RNGs back where a checkpoint left them; return its step.
+
+    The optimizer's moments come back, its settings stay this run's: as the learning rate (set every
+    step from the flags), a --weight_decay changed for the resumed run applies."""
+    decays = [group["weight_decay"] for group in optimizer.param_groups]
     optimizer.load_state_dict(ckpt["optimizer"])
+    for group, decay in zip(optimizer.param_groups, decays):
+        group["weight_decay"] = decay
     train_loader.load_state_dict(ckpt["loader"])
     if len(ckpt["rng"]) == compute.world_size:
         set_rng_state(ckpt["rng"][compute.rank])

@@ -298,6 +298,14 @@ def test_resume_with_a_bigger_batch_goes_on_from_the_next_window(synthetic_shard
     assert "train shard 5" in err and "has 2 train shards" in err
 
 
+def test_resume_applies_a_changed_weight_decay(synthetic_shards, uninterrupted, tmp_path):
+    out = shutil.copytree(uninterrupted, tmp_path / "out")
+    run_train(synthetic_shards, out, "--total_batch_size", "256", "--max_steps", "17", "--weight_decay", "0.5",
+              "--resume", "auto")
+    groups = load_checkpoint(out / "step_000017.pt")["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]  # matrices decay, biases and gains never
+
+
 def test_resume_drops_a_log_line_cut_short_by_a_crash(synthetic_shards, uninterrupted, tmp_path):
     out = shutil.copytree(uninterrupted, tmp_path / "out")
     for p in out.glob("step_00001[26].pt"):

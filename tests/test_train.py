@@ -117,6 +117,24 @@ def test_sigterm_then_resume_is_bitwise_exact(synthetic_shards, uninterrupted, t
     assert steps == list(range(1, 17))
 
 
+def test_sigterm_to_torchrun_then_resume_is_bitwise_exact(synthetic_shards, tmp_path):
+    """Two ranks with dropout: both stop at the same step, the checkpoint holds each rank's RNG, and the
+    resumed run ends where an uninterrupted one does."""
+    steps = [*STEPS, "--dropout", "0.1"]
+    run_train(synthetic_shards, tmp_path / "uninterrupted", *steps, nproc=2)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(synthetic_shards, out, *steps, nproc=2), cwd=REPO_ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: (out / "log.jsonl").is_file() and any(r["step"] >= 6 for r in log_records(out)), proc)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
+    output, _ = proc.communicate(timeout=120)
+    assert "stopped by signal" in output, output  # torchrun itself then exits non-zero, as it does on SIGTERM
+    stopped = load_checkpoint(latest_checkpoint(out))
+    assert 6 <= stopped["step"] < 16 and len(stopped["rng"]) == 2
+    run_train(synthetic_shards, out, *steps, "--resume", "auto", nproc=2)
+    assert_bitwise_equal(final_weights(out, 16), final_weights(tmp_path / "uninterrupted", 16))
+
+
 def test_kill9_after_checkpoint_then_resume_is_bitwise_exact(synthetic_shards, uninterrupted, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(synthetic_shards, out, *STEPS), cwd=REPO_ROOT, env=ENV,

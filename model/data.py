@@ -64,6 +64,7 @@ class TokenShardLoader:
                 )
         need = self.B * self.T * self.world_size + 1
         self.entries = [e for e in entries if e["tokens"] >= need]
+        self.skipped = [e["file"] for e in entries if e["tokens"] < need]  # for the script to report
         if not self.entries:
             longest = max(e["tokens"] for e in entries)
             raise DataError(

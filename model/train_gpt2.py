@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             args.total_batch_size, {"batch_size": args.batch_size, "seq_len": args.seq_len, "ranks": compute.world_size})
         loaders = [TokenShardLoader(args.data_dir, split, args.batch_size, args.seq_len, compute.rank,
                                     compute.world_size) for split in ("train", "val")]
+        for loader in loaders:
+            if loader.skipped:
+                compute.print0(f"note: {', '.join(loader.skipped)} in {args.data_dir} hold fewer tokens than one "
+                               "micro-batch of all ranks (batch_size * seq_len * ranks + 1): they are not read")
         if not loaders[0].complete:
             compute.print0(f"warning: {args.data_dir} is still being prepared (or its preparation was stopped): "
                            f"training on the {len(loaders[0].entries)} train shards finished so far")

@@ -377,6 +377,12 @@ def test_data_still_being_prepared_is_trained_on_with_a_warning(synthetic_shards
     assert "still being prepared" in proc.stdout and "the 2 train shards finished so far" in proc.stdout
 
 
+def test_a_shard_too_short_for_a_micro_batch_is_named(tmp_path):
+    data = make_shards(tmp_path / "data", np.arange(40_100) % 500, shard_size=20_000)  # the last: 100 tokens
+    proc = run_train(data, tmp_path / "out", "--total_batch_size", "128", "--max_steps", "1")
+    assert "note: train_000002.npy" in proc.stdout and "not read" in proc.stdout
+
+
 def test_val_steps_beyond_the_split_reads_it_once(synthetic_shards, tmp_path):
     losses = []
     for val_steps in ("-1", "100000"):  # the val shard holds 156 micro-batches of 4 x 32

@@ -72,13 +72,13 @@ def read_manifest(data_dir: str | Path, producer: str) -> dict | None:
 
 
 def shard_intact(data_dir: str | Path, entry: dict) -> bool:
-    """Whether a shard's file is there with the manifest's length: only its .npy header is read, so this
-    is cheap for any number of shards (load_shard also checks the sha256, reading the whole file)."""
+    """Whether a token shard's file is there, 1-D uint16 of the manifest's length: only its .npy header is
+    read, so this is cheap for any number of shards (load_shard also checks the sha256, reading it all)."""
     try:
         array = np.load(Path(data_dir) / entry["file"], mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError):  # missing, truncated or not an .npy file
         return False
-    return array.ndim == 1 and len(array) == entry["tokens"]
+    return array.shape == (entry["tokens"],) and array.dtype == np.uint16
 
 
 def load_shard(data_dir: str | Path, entry: dict, producer: str) -> np.ndarray:

@@ -46,6 +46,7 @@ from model.checkpoint import (
 )
 from model.compute import Compute, check_device, keep_freed_cpu_memory
 from model.gpt import GPT, IGNORE_INDEX
+from model.shards import DataError
 
 BETAS = (0.9, 0.95)  # GPT-3's AdamW betas, as in GPT-2 reproductions
 
@@ -364,6 +365,7 @@ def train(
         f"device {compute.device} | {dtype} | steps {start_step} -> {args.max_steps}"
     )
     stop = StopSignal()
+    last_saved = start_step  # a resumed run's start is on disk; a fresh run's step 0 holds nothing worth saving
     # drawn only on a terminal: in a log file it would be a long run of carriage returns
     bar = tqdm(total=args.max_steps, initial=start_step, desc=kind, unit="step", dynamic_ncols=True,
                disable=not (compute.master and sys.stderr.isatty()))
@@ -397,12 +399,24 @@ def train(
                 last or (step > 0 and args.save_every > 0 and step % args.save_every == 0)
             ):
                 save(step)
+                last_saved = step
             if last:
                 break
 
             t0 = time.time()
             model.train()
-            batches = [train_loader.next_batch() for _ in range(grad_accum)]
+            position = train_loader.state_dict()
+            try:
+                batches = [train_loader.next_batch() for _ in range(grad_accum)]
+            except DataError as e:
+                # a shard damaged since the run began. Every rank reads the same shard at the same step,
+                # so all of them are here; nothing of this step has run, so with the loader put back the
+                # state is that of a save at the step's start: keep the steps done since the last save
+                train_loader.load_state_dict(position)
+                if step != last_saved:
+                    raise DataError(f"{e}\nsaved the steps done so far in {save(step)}: once the shard is "
+                                    "whole again, rerun with --resume auto") from None
+                raise
             n_targets = torch.tensor(
                 float(sum((y != IGNORE_INDEX).sum().item() for _, y in batches)), device=compute.device
             )

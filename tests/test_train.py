@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, make_shards
-from model.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from model.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from model.export_hf import export_hf, load_hf_model
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import EOT, encode
@@ -142,6 +142,7 @@ def test_kill9_after_checkpoint_then_resume_is_bitwise_exact(synthetic_shards, u
     wait_for(lambda: (out / "step_000008.pt").exists() and any(r["step"] >= 10 for r in log_records(out)), proc)
     proc.kill()
     proc.wait()
+    assert checkpoint_step(latest_checkpoint(out)) < 16  # killed mid-run, so the resume has steps to redo
     run_train(synthetic_shards, out, *STEPS, "--resume", "auto")
     assert_bitwise_equal(final_weights(out, 16), final_weights(uninterrupted, 16))
     train_losses = {r["step"]: r["train_loss"] for r in log_records(uninterrupted) if "train_loss" in r}
@@ -161,6 +162,22 @@ def test_half_written_checkpoint_is_never_picked(synthetic_shards, uninterrupted
     run_train(synthetic_shards, out, *STEPS, "--resume", "auto")
     assert_bitwise_equal(final_weights(out, 16), final_weights(uninterrupted, 16))
     assert not (out / ".step_000016.pt.tmp123").exists()  # the dead save's leftovers are cleaned up
+
+
+def test_resume_from_a_given_checkpoint_into_a_new_directory(synthetic_shards, uninterrupted, tmp_path):
+    """--resume PATH branches a run: the new directory goes on from that checkpoint, exactly."""
+    out = tmp_path / "branch"
+    run_train(synthetic_shards, out, *STEPS, "--resume", uninterrupted / "step_000008.pt")
+    assert_bitwise_equal(final_weights(out, 16), final_weights(uninterrupted, 16))
+    assert min(r["step"] for r in log_records(out)) > 8
+
+
+def test_help_lists_every_flag():
+    out = run_cmd(script_cmd("model/train_gpt2.py", "--help")).stdout
+    for flag in ("data_dir", "out_dir", "max_steps", "batch_size", "seq_len", "total_batch_size", "n_layer", "n_head",
+                 "n_embd", "max_lr", "warmup_steps", "eval_every", "save_every", "resume", "init_from", "device",
+                 "dtype", "compile", "seed"):
+        assert f"--{flag} " in out or f"--{flag}\n" in out, flag
 
 
 def test_save_interrupted_mid_write_leaves_no_checkpoint(tmp_path, monkeypatch):
@@ -248,6 +265,27 @@ def test_truncated_shard_is_refused_before_training(synthetic_shards, tmp_path, 
     err = bad_run(["--data_dir", str(data), "--total_batch_size", "128"], tmp_path)
     assert name in err and "data_prep/fineweb.py" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_shard_damaged_mid_run_keeps_the_steps_done(synthetic_shards, tmp_path):
+    """A shard changed after the run started (same length, so the start-up check passes) is refused when
+    read: the run saves the step it reached and exits 2, and once the shard is whole again the resumed
+    run ends where an uninterrupted one does."""
+    steps = ["--max_steps", "16", "--total_batch_size", "2048", "--eval_every", "0", "--save_every", "100"]
+    run_train(synthetic_shards, tmp_path / "uninterrupted", *steps)
+    data = shutil.copytree(synthetic_shards, tmp_path / "data")
+    shard = data / "train_000002.npy"  # first read at step 9 of 16
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:-2] + bytes(2))
+    out = tmp_path / "run"
+    proc = run_train(data, out, *steps, check=False)
+    assert proc.returncode == 2 and "train_000002.npy does not match the sha256" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    saved = latest_checkpoint(out)
+    assert 0 < checkpoint_step(saved) < 16 and str(saved) in proc.stderr
+    shard.write_bytes(whole)
+    run_train(data, out, *steps, "--resume", "auto")
+    assert_bitwise_equal(final_weights(out, 16), final_weights(tmp_path / "uninterrupted", 16))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -3,11 +3,14 @@
 Claim under test: one full training step (forward + loss + backward + AdamW step) of our GPT processes
 at least 1.25x the tokens per second of HF's GPT-2 on a 2-core CPU, at a small shape and at GPT-2 124M.
 
-    python bench/train_throughput.py                       # both shapes, B=8, T=256, our model compiled
-    python bench/train_throughput.py --no_compile          # our model eager, to separate compile's share
-    python bench/train_throughput.py --no_compile --malloc keep      # freed memory kept, as CPU training does
+    python bench/train_throughput.py                       # both shapes, B=8, T=256, our model eager
+    python bench/train_throughput.py --compile             # our model under torch.compile, as --compile trains
+    python bench/train_throughput.py --malloc keep         # freed memory kept, as CPU training does
     python bench/train_throughput.py --shapes small --steps 20 --threads 2
-    python bench/train_throughput.py --device cuda --dtype bfloat16 --shapes 124M --batch_size 16 --seq_len 1024
+    python bench/train_throughput.py --device cuda --dtype bfloat16 --compile --shapes 124M --batch_size 16 --seq_len 1024
+
+Our model runs eagerly unless --compile, as model/train_gpt2.py does: on CPU compiling gains nothing
+over the fused loss and oneDNN products (README, "Benchmarks"); on a GPU it is what training uses.
 
 On CUDA each step ends with torch.cuda.synchronize(), so the host clock times the GPU's work, and the
 table adds MFU: model FLOPs per token (GPT.flops_per_token, 6N + attention) x tokens/s over the GPU's
@@ -15,7 +18,7 @@ dense bf16 peak. Both models count the same FLOPs (ours, padded vocab included),
 exactly as tokens/s does.
 
 What is timed, per step and per model, with time.perf_counter around the whole step:
-  ours  GPT (vocab padded to 50304) under torch.compile (unless --no_compile), loss from targets = the
+  ours  GPT (vocab padded to 50304) (under torch.compile with --compile), loss from targets = the
         inputs shifted by one (the loss-only forward where model/train_gpt2.py uses it: eager on CPU,
         lm_head fused with the loss, model/lm_loss.py), optimizer from GPT.configure_optimizer (fused AdamW on CPU)
   HF    GPT2LMHeadModel (vocab 50257), attn_implementation="sdpa", all dropouts 0, labels = input ids
@@ -46,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 import torch
 import transformers
 
-from model.compute import BF16_PEAK_FLOPS, keep_freed_cpu_memory
+from model.compute import bf16_peak_flops, keep_freed_cpu_memory
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import VOCAB_SIZE
 from model.trainer import loss_only_forward
@@ -133,7 +136,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8, help="sequences per step (B)")
     parser.add_argument("--seq_len", type=int, default=256, help="tokens per sequence (T)")
     parser.add_argument(
-        "--no_compile", action="store_true", help="run our model eagerly instead of under torch.compile"
+        "--compile", action="store_true", help="run our model under torch.compile (default: eagerly)"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N)")
     parser.add_argument(
@@ -154,8 +157,8 @@ def main() -> None:
     shapes = args.shapes.split(",")
     if unknown := [s for s in shapes if s not in SHAPES]:
         parser.error(f"unknown shape(s) {unknown}: choose from {', '.join(SHAPES)}")
-    if args.steps < 1 or args.warmup < (0 if args.no_compile else 1):
-        parser.error("--steps must be >= 1, and --warmup >= 1 unless --no_compile (the first compiled step compiles)")
+    if args.steps < 1 or args.warmup < (1 if args.compile else 0):
+        parser.error("--steps must be >= 1, and --warmup >= 1 with --compile (the first compiled step compiles)")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
@@ -164,11 +167,11 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as training sets it
         gpu = torch.cuda.get_device_name(device)
-        peak = next((flops for key, flops in BF16_PEAK_FLOPS.items() if key in gpu), None)
+        peak = bf16_peak_flops(gpu)
     else:
         gpu, peak = "", None
     B, T = args.batch_size, args.seq_len
-    ours_label = "ours (eager)" if args.no_compile else "ours (torch.compile)"
+    ours_label = "ours (torch.compile)" if args.compile else "ours (eager)"
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
         f"B={B} T={T}, {args.dtype}, {'freed memory kept' if kept else 'default malloc'}, {args.warmup} warm-up + {args.steps} timed steps per model, {device} {gpu}"
@@ -179,7 +182,7 @@ def main() -> None:
         config = GPTConfig(block_size=T, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
         torch.manual_seed(args.seed)
         steps = {
-            ours_label: our_step(config, not args.no_compile, device, args.dtype),
+            ours_label: our_step(config, args.compile, device, args.dtype),
             HF_LABEL: hf_step(config, device, args.dtype),
         }
         gen = torch.Generator().manual_seed(args.seed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -17,8 +18,19 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-# Dense bf16 peak FLOP/s by GPU name, for MFU. Unknown GPUs report no MFU rather than a wrong one.
-BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+# Dense bf16 peak FLOP/s for MFU: (words of the GPU's name, peak), the first entry whose words are all
+# in the name wins. Unknown GPUs report no MFU rather than a wrong one.
+BF16_PEAK_FLOPS = [
+    (("H100", "PCIe"), 756e12), (("H100", "NVL"), 835e12), (("H200", "NVL"), 835e12), (("H100",), 989e12),
+    (("H200",), 989e12), (("A100",), 312e12), (("L40S",), 362e12), (("L40",), 181e12), (("L4",), 121e12),
+    (("A10G",), 70e12), (("A10",), 125e12),
+]
+
+
+def bf16_peak_flops(gpu_name: str) -> float | None:
+    """The dense bf16 peak of a GPU named as torch.cuda.get_device_name names it, or None if unknown."""
+    words = set(re.split(r"[^A-Z0-9]+", gpu_name.upper()))
+    return next((peak for keys, peak in BF16_PEAK_FLOPS if all(k.upper() in words for k in keys)), None)
 
 
 @dataclass
@@ -70,8 +82,7 @@ class Compute:
         """The GPU's dense bf16 peak, or None where it is not known."""
         if self.device.type != "cuda":
             return None
-        name = torch.cuda.get_device_name(self.device)
-        return next((peak for key, peak in BF16_PEAK_FLOPS.items() if key in name), None)
+        return bf16_peak_flops(torch.cuda.get_device_name(self.device))
 
 
 def check_device(device: str) -> None:

@@ -1,4 +1,4 @@
-"""The GPT module: shapes, loss reductions, causality, GPT-2 initialisation, optimizer groups."""
+"""The GPT module: shapes, loss reductions, causality, GPT-2 initialisation, optimizer groups, FLOPs and MFU peaks."""
 
 import math
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model.compute import bf16_peak_flops
 from model.gpt import GPT, IGNORE_INDEX, GPTConfig
 
 SMALL = GPTConfig(block_size=16, vocab_size=96, n_layer=2, n_head=2, n_embd=32)
@@ -103,6 +104,16 @@ def test_flops_per_token_at_gpt2_124m_shape():
     assert model.num_params() == 124_475_904  # 124M with the vocab padded to 50304
     expected = 6 * (model.num_params() - 1024 * 768) + 12 * 12 * 768 * 1024
     assert model.flops_per_token(1024) == expected
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12),
+    ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("NVIDIA A10G", 70e12),
+    ("NVIDIA A10", 125e12), ("NVIDIA GeForce RTX 4090", None), ("Tesla T4", None),
+])
+def test_mfu_peak_is_looked_up_by_whole_words_of_the_gpu_name(name, peak):
+    assert bf16_peak_flops(name) == peak  # "L40" is not an L4, a PCIe H100 not an SXM one
 
 
 def test_sequence_longer_than_block_size_is_refused(model):

@@ -365,7 +365,9 @@ def train(
         f"device {compute.device} | {dtype} | steps {start_step} -> {args.max_steps}"
     )
     stop = StopSignal()
-    last_saved = start_step  # a resumed run's start is on disk; a fresh run's step 0 holds nothing worth saving
+    # the step whose state out_dir already holds: a resumed run's start, when resumed from its own directory
+    # (rank 0's view, so that every rank agrees on whether a save is due)
+    last_saved = compute.gather(start_step if resume_ckpt and checkpoint_path(out_dir, start_step).exists() else None)[0]
     # drawn only on a terminal: in a log file it would be a long run of carriage returns
     bar = tqdm(total=args.max_steps, initial=start_step, desc=kind, unit="step", dynamic_ncols=True,
                disable=not (compute.master and sys.stderr.isatty()))
@@ -407,23 +409,26 @@ def train(
             model.train()
             position = train_loader.state_dict()
             try:
-                batches = [train_loader.next_batch() for _ in range(grad_accum)]
-            except DataError as e:
-                # a shard damaged since the run began. Every rank reads the same shard at the same step,
-                # so all of them are here; nothing of this step has run, so with the loader put back the
-                # state is that of a save at the step's start: keep the steps done since the last save
-                train_loader.load_state_dict(position)
-                if step != last_saved:
-                    raise DataError(f"{e}\nsaved the steps done so far in {save(step)}: once the shard is "
-                                    "whole again, rerun with --resume auto") from None
-                raise
-            n_targets = torch.tensor(
-                float(sum((y != IGNORE_INDEX).sum().item() for _, y in batches)), device=compute.device
-            )
+                batches, data_error = [train_loader.next_batch() for _ in range(grad_accum)], None
+            except DataError as e:  # a shard damaged since the run began
+                batches, data_error = [], str(e)
+            # [target tokens, ranks whose data failed]: one all-reduce tells every rank both
+            counts = torch.tensor([float(sum((y != IGNORE_INDEX).sum().item() for _, y in batches)),
+                                   float(data_error is not None)], device=compute.device)
             # copy every micro-batch now, while the GPU is idle: a copy from pageable host memory waits for
             # the queued kernels, so copying between micro-steps would leave the GPU idle at each one
             batches = [(x.to(compute.device), y.to(compute.device)) for x, y in batches]
-            compute.all_reduce(n_targets)
+            compute.all_reduce(counts)
+            if counts[1].item():
+                # nothing of this step has run, so with the loader put back the state is that of a save at
+                # the step's start: every rank saves it together (keeping the steps done since the last
+                # save), then all stop
+                train_loader.load_state_dict(position)
+                message = next(m for m in compute.gather(data_error) if m)
+                if step != last_saved:
+                    message += f"\nsaved the steps done so far in {save(step)}: once the shard is whole again, rerun with --resume auto"
+                raise DataError(message)
+            n_targets = counts[0]
             # DDP averages gradients over ranks, so each rank divides by its share of the global count:
             # the result is the mean over every target token of the global batch
             norm = (n_targets / compute.world_size).clamp(min=1)

@@ -4,6 +4,7 @@ The runs are real `python model/train_gpt2.py` processes on a tiny model, so the
 checkpoints and exit codes are the ones a user gets.
 """
 
+import contextlib
 import json
 import os
 import platform
@@ -40,8 +41,40 @@ def script_cmd(script, *args, nproc=1):
     return launcher + [script, *map(str, args)]
 
 
-def run_cmd(cmd, check=True):
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+def process_tree(pid):
+    """pid and every process below it, read from /proc (torchrun starts each worker in a session of its
+    own, so killing its process group would miss them)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+@contextlib.contextmanager
+def started(cmd, **kwargs):
+    """A running process that is killed on the way out if still running, with all its descendants:
+    torchrun's workers would otherwise outlive a torchrun killed for taking too long."""
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=ENV, text=True, **kwargs)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            for pid in process_tree(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def run_cmd(cmd, check=True, timeout=300):
+    with started(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as running:
+        stdout, stderr = running.communicate(timeout=timeout)
+    proc = subprocess.CompletedProcess(cmd, running.returncode, stdout, stderr)
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -123,11 +156,10 @@ def test_sigterm_to_torchrun_then_resume_is_bitwise_exact(synthetic_shards, tmp_
     steps = [*STEPS, "--dropout", "0.1"]
     run_train(synthetic_shards, tmp_path / "uninterrupted", *steps, nproc=2)
     out = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(synthetic_shards, out, *steps, nproc=2), cwd=REPO_ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for(lambda: (out / "log.jsonl").is_file() and any(r["step"] >= 6 for r in log_records(out)), proc)
-    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
-    output, _ = proc.communicate(timeout=120)
+    with started(train_cmd(synthetic_shards, out, *steps, nproc=2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        wait_for(lambda: (out / "log.jsonl").is_file() and any(r["step"] >= 6 for r in log_records(out)), proc)
+        proc.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
+        output, _ = proc.communicate(timeout=120)
     assert "stopped by signal" in output, output  # torchrun itself then exits non-zero, as it does on SIGTERM
     stopped = load_checkpoint(latest_checkpoint(out))
     assert 6 <= stopped["step"] < 16 and len(stopped["rng"]) == 2
@@ -267,25 +299,59 @@ def test_truncated_shard_is_refused_before_training(synthetic_shards, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+DAMAGE_STEPS = ["--max_steps", "16", "--total_batch_size", "2048", "--eval_every", "0", "--save_every", "100"]
+
+
 def test_shard_damaged_mid_run_keeps_the_steps_done(synthetic_shards, tmp_path):
     """A shard changed after the run started (same length, so the start-up check passes) is refused when
-    read: the run saves the step it reached and exits 2, and once the shard is whole again the resumed
-    run ends where an uninterrupted one does."""
-    steps = ["--max_steps", "16", "--total_batch_size", "2048", "--eval_every", "0", "--save_every", "100"]
-    run_train(synthetic_shards, tmp_path / "uninterrupted", *steps)
+    read: the run saves the step it reached and exits 2, also when branched at that very step into a new
+    directory; once the shard is whole again the resumed run ends where an uninterrupted one does."""
+    run_train(synthetic_shards, tmp_path / "uninterrupted", *DAMAGE_STEPS)
     data = shutil.copytree(synthetic_shards, tmp_path / "data")
     shard = data / "train_000002.npy"  # first read at step 9 of 16
     whole = shard.read_bytes()
     shard.write_bytes(whole[:-2] + bytes(2))
-    out = tmp_path / "run"
-    proc = run_train(data, out, *steps, check=False)
+    out, branch = tmp_path / "run", tmp_path / "branch"
+    proc = run_train(data, out, *DAMAGE_STEPS, check=False)
     assert proc.returncode == 2 and "train_000002.npy does not match the sha256" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     saved = latest_checkpoint(out)
     assert 0 < checkpoint_step(saved) < 16 and str(saved) in proc.stderr
+    # resumed elsewhere from the step that fails: its new directory gets that step too
+    proc = run_train(data, branch, *DAMAGE_STEPS, "--resume", saved, check=False)
+    assert proc.returncode == 2 and latest_checkpoint(branch).name == saved.name, proc.stderr
     shard.write_bytes(whole)
-    run_train(data, out, *steps, "--resume", "auto")
-    assert_bitwise_equal(final_weights(out, 16), final_weights(tmp_path / "uninterrupted", 16))
+    for run_dir in (out, branch):
+        run_train(data, run_dir, *DAMAGE_STEPS, "--resume", "auto")
+        assert_bitwise_equal(final_weights(run_dir, 16), final_weights(tmp_path / "uninterrupted", 16))
+
+
+# rank 1 alone finds a shard damaged (as if each node had its own copy of the data)
+ONE_RANK_DAMAGED = """
+import os, runpy, sys
+sys.path.insert(0, {repo!r})
+import model.data
+from model.shards import DataError
+real_load_shard = model.data.load_shard
+def load_shard(data_dir, entry, producer):
+    if os.environ["RANK"] == "1" and entry["file"] == "train_000002.npy":
+        raise DataError(entry["file"] + " is damaged on rank 1")
+    return real_load_shard(data_dir, entry, producer)
+model.data.load_shard = load_shard
+sys.argv[0] = {script!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_shard_damaged_on_one_rank_stops_every_rank_with_a_checkpoint(synthetic_shards, tmp_path):
+    """The ranks agree that the step's data failed: all save the step together and stop, none hangs."""
+    launcher = tmp_path / "one_rank_damaged.py"
+    launcher.write_text(ONE_RANK_DAMAGED.format(repo=str(REPO_ROOT), script=str(REPO_ROOT / "model/train_gpt2.py")))
+    out = tmp_path / "run"
+    cmd = script_cmd(launcher, "--data_dir", synthetic_shards, "--out_dir", out, *TINY, *DAMAGE_STEPS, nproc=2)
+    proc = run_cmd(cmd, check=False, timeout=120)
+    assert proc.returncode != 0 and "train_000002.npy is damaged on rank 1" in proc.stderr, proc.stdout + proc.stderr
+    assert load_checkpoint(latest_checkpoint(out))["step"] == 9  # where two ranks of 8 micro-steps reach shard 2
 
 
 @pytest.mark.parametrize("args, message", [

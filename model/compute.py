@@ -19,10 +19,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 # Dense bf16 peak FLOP/s for MFU: (words of the GPU's name, peak), the first entry whose words are all
-# in the name wins. Unknown GPUs report no MFU rather than a wrong one.
+# in the name wins. Unknown GPUs, and MIG slices of known ones, report no MFU rather than a wrong one.
 BF16_PEAK_FLOPS = [
     (("H100", "PCIe"), 756e12), (("H100", "NVL"), 835e12), (("H200", "NVL"), 835e12), (("H100",), 989e12),
-    (("H200",), 989e12), (("A100",), 312e12), (("L40S",), 362e12), (("L40",), 181e12), (("L4",), 121e12),
+    (("H200",), 989e12), (("GH200",), 989e12), (("A100",), 312e12), (("L40S",), 362e12), (("L40",), 181e12), (("L4",), 121e12),
     (("A10G",), 70e12), (("A10",), 125e12),
 ]
 
@@ -30,6 +30,8 @@ BF16_PEAK_FLOPS = [
 def bf16_peak_flops(gpu_name: str) -> float | None:
     """The dense bf16 peak of a GPU named as torch.cuda.get_device_name names it, or None if unknown."""
     words = set(re.split(r"[^A-Z0-9]+", gpu_name.upper()))
+    if "MIG" in words:  # a slice of the card: its share of the peak is not in the name
+        return None
     return next((peak for keys, peak in BF16_PEAK_FLOPS if all(k.upper() in words for k in keys)), None)
 
 

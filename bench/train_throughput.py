@@ -18,7 +18,7 @@ dense bf16 peak. Both models count the same FLOPs (ours, padded vocab included),
 exactly as tokens/s does.
 
 What is timed, per step and per model, with time.perf_counter around the whole step:
-  ours  GPT (vocab padded to 50304) (under torch.compile with --compile), loss from targets = the
+  ours  GPT (vocab padded to 50304), under torch.compile with --compile; loss from targets = the
         inputs shifted by one (the loss-only forward where model/train_gpt2.py uses it: eager on CPU,
         lm_head fused with the loss, model/lm_loss.py), optimizer from GPT.configure_optimizer (fused AdamW on CPU)
   HF    GPT2LMHeadModel (vocab 50257), attn_implementation="sdpa", all dropouts 0, labels = input ids

@@ -22,8 +22,8 @@ from tqdm import tqdm
 # in the name wins. Unknown GPUs, and MIG slices of known ones, report no MFU rather than a wrong one.
 BF16_PEAK_FLOPS = [
     (("H100", "PCIe"), 756e12), (("H100", "NVL"), 835e12), (("H200", "NVL"), 835e12), (("H100",), 989e12),
-    (("H200",), 989e12), (("GH200",), 989e12), (("A100",), 312e12), (("L40S",), 362e12), (("L40",), 181e12), (("L4",), 121e12),
-    (("A10G",), 70e12), (("A10",), 125e12),
+    (("H200",), 989e12), (("GH200",), 989e12), (("A100",), 312e12), (("L40S",), 362e12), (("L40",), 181e12),
+    (("L4",), 121e12), (("A10G",), 70e12), (("A10",), 125e12),
 ]
 
 

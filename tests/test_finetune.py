@@ -18,7 +18,7 @@ import torch
 from conftest import REPO_ROOT
 from model.checkpoint import latest_checkpoint, load_checkpoint, model_state, save_checkpoint
 from model.gpt import GPT, GPTConfig
-from test_train import ENV, assert_bitwise_equal, final_weights, log_records, run_cmd, script_cmd, wait_for
+from test_train import assert_bitwise_equal, final_weights, log_records, run_cmd, script_cmd, started, wait_for
 
 TINY = ["--batch_size", "4", "--max_lr", "1e-2", "--warmup_steps", "3", "--keep_last", "0", "--device", "cpu",
         "--num_samples", "1", "--sample_tokens", "4"]
@@ -84,10 +84,10 @@ def test_tuning_lowers_held_out_response_loss_and_logs_samples(uninterrupted):
 def test_sigterm_then_resume_auto_is_bitwise_exact(sft_data, pretrained, uninterrupted, tmp_path):
     out = tmp_path / "run"
     cmd = finetune_cmd(sft_data, out, *STEPS, "--pretrained_checkpoint", str(pretrained))
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for(lambda: (out / "log.jsonl").is_file() and any(r["step"] >= 6 for r in log_records(out)), proc)
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
+    with started(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        wait_for(lambda: (out / "log.jsonl").is_file() and any(r["step"] >= 6 for r in log_records(out)), proc)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
     stopped_at = load_checkpoint(latest_checkpoint(out))["step"]
     assert 6 <= stopped_at < 16

@@ -134,11 +134,10 @@ def test_checkpoint_is_plain_data_with_bare_names(uninterrupted):
 
 def test_sigterm_then_resume_is_bitwise_exact(synthetic_shards, uninterrupted, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(synthetic_shards, out, *STEPS), cwd=REPO_ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for(lambda: (out / "log.jsonl").is_file() and any(r["step"] >= 6 for r in log_records(out)), proc)
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
+    with started(train_cmd(synthetic_shards, out, *STEPS), stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        wait_for(lambda: (out / "log.jsonl").is_file() and any(r["step"] >= 6 for r in log_records(out)), proc)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
     assert "stopped by signal" in output
     stopped_at = load_checkpoint(latest_checkpoint(out))["step"]
@@ -169,11 +168,10 @@ def test_sigterm_to_torchrun_then_resume_is_bitwise_exact(synthetic_shards, tmp_
 
 def test_kill9_after_checkpoint_then_resume_is_bitwise_exact(synthetic_shards, uninterrupted, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(synthetic_shards, out, *STEPS), cwd=REPO_ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: (out / "step_000008.pt").exists() and any(r["step"] >= 10 for r in log_records(out)), proc)
-    proc.kill()
-    proc.wait()
+    with started(train_cmd(synthetic_shards, out, *STEPS), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        wait_for(lambda: (out / "step_000008.pt").exists() and any(r["step"] >= 10 for r in log_records(out)), proc)
+        proc.kill()
+        proc.wait()
     assert checkpoint_step(latest_checkpoint(out)) < 16  # killed mid-run, so the resume has steps to redo
     run_train(synthetic_shards, out, *STEPS, "--resume", "auto")
     assert_bitwise_equal(final_weights(out, 16), final_weights(uninterrupted, 16))

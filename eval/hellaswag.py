@@ -42,7 +42,7 @@ from model.compute import Compute, check_device, cleanup, setup_compute
 from model.gpt import GPT
 from model.pretrained import load_pretrained
 from model.tokenizer import VOCAB_SIZE, encode
-from model.trainer import resolve_dtype
+from model.trainer import emulated_bf16_note, resolve_dtype
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 CACHE_DIR = "data/hellaswag"
@@ -346,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model.to(compute.device).requires_grad_(False).pack_for_cpu_inference()  # 1.7x faster on CPU; nothing elsewhere
     dtype = resolve_dtype(args.dtype, compute.device)
+    if note := emulated_bf16_note(dtype, compute.device):
+        compute.print0(note)
     compute.print0(f"{source}: {len(examples)} examples over {compute.world_size} rank(s) on {compute.device} ({dtype})")
     try:
         metrics, results = evaluate(model, examples, compute, batch_size=args.batch_size, dtype=dtype, progress=True)

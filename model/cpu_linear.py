@@ -4,16 +4,24 @@ Why: on AMD CPUs MKL takes its generic code path (MKL_VERBOSE says so on the 2-c
 repo is developed on) and reaches about half of what oneDNN, which picks its kernels from the CPU's
 features whoever made it, does with the same fp32 numbers. Measured there at the GPT-2 124M shape
 with 1024 rows: each forward, input-gradient and weight-gradient product about 2x faster; a whole
-124M training step 1.7x; a decode step of one row about 4x with packed weights. On Intel CPUs MKL
-takes its tuned path, so the gain there should be smaller (not measured: no Intel machine here).
-Results are fp32 (relative error 1e-6 against float64, as MKL's).
+124M training step 1.7x; a decode step of one row about 4x with packed weights. Results are fp32
+(relative error 1e-6 against float64, as MKL's).
+
+These are torch's private oneDNN ops, and what they accept depends on the CPU: on a plain AVX2 CPU
+(or with ONEDNN_MAX_CPU_ISA=AVX2) oneDNN has no bf16 kernel at all and the op raises. So each path
+is taken only after oneDNN has run it once here (runs(), a tiny product asked once per process and
+dtype); everywhere else model/gpt.py and model/lm_loss.py keep torch's own F.linear and
+cross-entropy.
 
 model/gpt.py's Linear calls linear() for float32 on CPU; everything else keeps F.linear.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 
 
 def _eager_onednn_cpu(x: torch.Tensor) -> bool:
@@ -21,22 +29,53 @@ def _eager_onednn_cpu(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available()
 
 
+@functools.cache
+def runs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's linear runs on this CPU in dtype, with a dense and with a packed weight, and
+    gives F.linear's result: asked once per process and dtype with a 3 x 8 x 16 product.
+
+    Not decided from CPU flags: what oneDNN accepts also depends on its build and on
+    ONEDNN_MAX_CPU_ISA (bf16 needs AVX512BW/AVX-NE-CONVERT or better; ARM builds differ again).
+    The inputs are made without the global RNG, so asking never changes a seeded run."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    x = (torch.arange(24, dtype=torch.float32).view(3, 8) / 8 - 1).to(dtype)
+    w = (torch.arange(128, dtype=torch.float32).view(16, 8) / 64 - 1).to(dtype)
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        expected = F.linear(x.float(), w.float())
+        try:
+            dense, packed = product(x, w), product(x, pack(w))
+        except RuntimeError:  # "could not create a primitive descriptor ...": no kernel for dtype here
+            return False
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2  # bf16 holds 8 bits of mantissa
+    return all(torch.allclose(y.float(), expected, rtol=tolerance, atol=tolerance) for y in (dense, packed))
+
+
 def usable(x: torch.Tensor) -> bool:
     """Whether x can go through oneDNN here: float32 on CPU, no autocast (which would want bf16
-    products), not under torch.compile (which chooses its own kernels), and a torch built with it."""
-    return _eager_onednn_cpu(x) and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    products), not under torch.compile (which chooses its own kernels), and a oneDNN that runs it."""
+    return (_eager_onednn_cpu(x) and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and runs(torch.float32))
 
 
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX). There, oneDNN's bf16
-    products run 2-2.7x its float32 ones (measured on the AMD EPYC dev box); elsewhere bf16 is
-    emulated and slower than float32."""
-    return torch.backends.mkldnn.is_available() and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+def bf16_autocast(x: torch.Tensor) -> bool:
+    """Whether x is on CPU under bf16 autocast, outside torch.compile."""
+    return (x.device.type == "cpu" and not torch.compiler.is_compiling() and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
 def usable_bf16(x: torch.Tensor) -> bool:
-    """Whether x is under CPU bf16 autocast, outside torch.compile, with oneDNN to multiply in bf16."""
-    return _eager_onednn_cpu(x) and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    """Whether x is under CPU bf16 autocast, outside torch.compile, with a oneDNN that multiplies
+    bf16 here."""
+    return bf16_autocast(x) and torch.backends.mkldnn.is_available() and runs(torch.bfloat16)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX) and oneDNN does so here.
+    There, oneDNN's bf16 products run 2-2.7x its float32 ones (measured on the AMD EPYC dev box);
+    elsewhere bf16 is emulated or left to torch's generic kernels, slower than float32."""
+    on_x86 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return on_x86 and runs(torch.bfloat16)
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

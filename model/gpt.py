@@ -80,7 +80,7 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.store(k, v)  # (B, nh, T_cached, hs)
         # flash / memory-efficient kernels where the device has them; without a mask it is the implicit causal one
         precision = nullcontext()
-        if cpu_linear.usable_bf16(q):
+        if cpu_linear.bf16_autocast(q):
             # CPU bf16 autocast: torch's CPU flash attention is several times slower backward in bf16
             # than in float32 (measured 8x at the demo's shape), so attention alone stays float32
             q, k, v, precision = q.float(), k.float(), v.float(), torch.autocast("cpu", enabled=False)

@@ -45,6 +45,7 @@ from model.checkpoint import (
     set_rng_state,
 )
 from model.compute import Compute, check_device, keep_freed_cpu_memory
+from model.cpu_linear import native_bf16
 from model.gpt import GPT, IGNORE_INDEX
 from model.shards import DataError
 
@@ -84,7 +85,8 @@ def add_training_args(
     g.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu; or e.g. cuda:1")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="autocast dtype of the forward pass; auto = bfloat16 on CUDA, float32 elsewhere. On a CPU "
-                        "that multiplies bf16 natively (AVX512-BF16 or AMX) bfloat16 steps are about 1.5x faster")
+                        "that multiplies bf16 natively (AVX512-BF16 or AMX) bfloat16 steps are about 1.5x faster; on "
+                        "other CPUs bfloat16 runs emulated, slower than float32 (a note says so)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training module (evaluation uses the uncompiled one)")
     g.add_argument("--seed", type=int, default=1337, help="seed of the initialisation and of dropout (rank r uses seed + r)")
     g = parser.add_argument_group("optimisation")
@@ -129,6 +131,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     if dtype != "auto":
         return dtype
     return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+
+
+def emulated_bf16_note(dtype: str, device: torch.device) -> str | None:
+    """The line for a user who asked for bf16 on a CPU without native bf16: it runs (torch's generic
+    kernels, or oneDNN's emulation), only slower than float32 would."""
+    if dtype == "bfloat16" and device.type == "cpu" and not native_bf16():
+        return ("note: --dtype bfloat16 on a CPU without native bf16 (AVX512-BF16 or AMX that oneDNN runs): "
+                "it works, but emulated; float32 is faster here")
+    return None
 
 
 def get_lr(step: int, max_steps: int, max_lr: float, warmup_steps: int, min_lr_frac: float) -> float:
@@ -327,6 +338,8 @@ def train(
     """Train from step 0, or from resume_ckpt, through args.max_steps; the last pass only evaluates and saves."""
     out_dir = Path(args.out_dir)
     dtype = resolve_dtype(args.dtype, compute.device)
+    if note := emulated_bf16_note(dtype, compute.device):
+        compute.print0(note)
     start_step = restore_training_state(resume_ckpt, compute, optimizer, train_loader) if resume_ckpt else 0
     train_loss = resume_ckpt["train_loss"] if resume_ckpt else None
     val_loss = resume_ckpt["val_loss"] if resume_ckpt else None

@@ -17,6 +17,14 @@ def repo_root() -> Path:
 
 
 @pytest.fixture
+def without_onednn(monkeypatch):
+    """As on a CPU where oneDNN runs none of model/cpu_linear.py's products: plain torch everywhere."""
+    from model import cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "runs", lambda dtype: False)
+
+
+@pytest.fixture
 def shared_data() -> Path:
     """The real data samples folder; tests that need it skip where it is absent."""
     if not SHARED_DATA.is_dir():

@@ -1,5 +1,10 @@
 """model/cpu_linear.py: oneDNN products equal F.linear's, forward and backward, on every path."""
 
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,3 +50,30 @@ def test_autocast_and_other_dtypes_are_left_to_f_linear():
     assert cpu_linear.usable(x) and not cpu_linear.usable(x.double()) and not cpu_linear.usable(x.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not cpu_linear.usable(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_probe_agrees_with_onednn_and_leaves_the_rng_alone(dtype):
+    rng = torch.get_rng_state()
+    verdict = cpu_linear.runs.__wrapped__(dtype)  # asked afresh, not the cached answer
+    assert torch.equal(torch.get_rng_state(), rng)  # a seeded run draws the same numbers with or without it
+    x, w = torch.randn(64, 96).to(dtype), torch.randn(80, 96).to(dtype)
+    try:
+        y = cpu_linear.product(x, w)
+    except RuntimeError:
+        assert not verdict
+    else:
+        assert verdict
+        torch.testing.assert_close(y.float(), F.linear(x.float(), w.float()), rtol=2e-2, atol=2e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="ONEDNN_MAX_CPU_ISA=AVX2 caps x86 only")
+def test_a_cpu_capped_at_avx2_gets_float32_only(repo_root):
+    # what a plain AVX2 CPU (no AVX-512, no native bf16) gives, on any x86 machine: oneDNN has no bf16
+    # kernel there, so bf16 must not be taken (it raised "could not create a primitive descriptor")
+    code = ("import torch; from model import cpu_linear; "
+            "print(cpu_linear.runs(torch.float32), cpu_linear.runs(torch.bfloat16), cpu_linear.native_bf16())")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False", "False"]

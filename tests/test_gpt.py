@@ -151,9 +151,13 @@ def test_packed_cpu_inference_equals_plain_and_never_goes_stale(model):
     assert not torch.equal(after, plain)
 
 
-def test_cpu_bf16_autocast_training_step_matches_float32():
-    # under CPU bf16 autocast the loss-only forward takes the bf16 fused loss and float32 attention;
-    # its loss and gradients must be float32's up to bf16 rounding, for every parameter
+@pytest.mark.parametrize("onednn", [True, False])
+def test_cpu_bf16_autocast_training_step_matches_float32(onednn, request):
+    # under CPU bf16 autocast the loss-only forward takes the bf16 fused loss (where oneDNN multiplies
+    # bf16 here) and float32 attention; without oneDNN, torch's own kernels. Either way its loss and
+    # gradients must be float32's up to bf16 rounding, for every parameter
+    if not onednn:
+        request.getfixturevalue("without_onednn")
     torch.manual_seed(0)
     model = GPT(SMALL).train()
     idx, targets = torch.randint(0, 96, (3, 16)), torch.randint(0, 96, (3, 16))
@@ -172,3 +176,17 @@ def test_cpu_bf16_autocast_training_step_matches_float32():
     torch.testing.assert_close(loss16, loss32, rtol=1e-2, atol=0)
     for name, g in grads32.items():
         torch.testing.assert_close(grads16[name], g, rtol=0, atol=5e-2 * g.abs().max().item(), msg=name)
+
+
+def test_where_onednn_runs_nothing_the_model_uses_torch_and_does_not_pack(model, without_onednn):
+    idx = torch.randint(0, 96, (3, 16))
+    targets = torch.randint(0, 96, (3, 16))
+    _, loss = model(idx, targets, return_logits=False)
+    loss.backward()
+    assert type(loss.grad_fn).__name__ == "NllLossBackward0"  # F.cross_entropy, not the fused loss
+    assert all(type(p.grad) is torch.Tensor and p.grad is not None for p in model.parameters())
+    assert not model.pack_for_cpu_inference()  # nothing to pack with: decoding uses F.linear
+    assert all(getattr(m, "packed", None) is None for m in model.modules())
+    with torch.inference_mode():
+        logits = model(idx)[0]
+    torch.testing.assert_close(logits, F.linear(model.hidden(idx), model.lm_head.weight))

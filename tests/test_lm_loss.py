@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model import cpu_linear
 from model import lm_loss as lm_loss_module
 from model.lm_loss import lm_loss
 
@@ -65,7 +66,8 @@ def test_bf16_autocast_loss_and_gradients_equal_autocast_cross_entropy(reduction
     h = torch.randn(37, 16) * 4
     targets = torch.randint(0, 400, (37,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert type(lm_loss(h.requires_grad_(), head, targets, reduction).grad_fn).__name__.startswith("_LinearCrossEntropyBF16")
+        fused = type(lm_loss(h.requires_grad_(), head, targets, reduction).grad_fn).__name__.startswith("_LinearCrossEntropyBF16")
+    assert fused == cpu_linear.runs(torch.bfloat16)  # fused where oneDNN multiplies bf16 here, else autocast's own path
     ours = _loss_and_grads(_in_bf16_autocast(lm_loss), h, head, targets, reduction, 0.25)
     reference = _loss_and_grads(_in_bf16_autocast(_autocast_reference), h, head, targets, reduction, 0.25)
     assert ours[0].dtype == torch.float32 and ours[2].dtype == torch.float32
@@ -74,6 +76,18 @@ def test_bf16_autocast_loss_and_gradients_equal_autocast_cross_entropy(reduction
         torch.testing.assert_close(a, b, rtol=0, atol=1e-2 * b.abs().max().item())
     with torch.no_grad():  # validation: the loss alone, the same value
         torch.testing.assert_close(_in_bf16_autocast(lm_loss)(h, head, targets, reduction), ours[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_where_onednn_runs_nothing_the_loss_is_cross_entropy(bf16, without_onednn):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 400, bias=False)
+    h, targets = torch.randn(37, 16) * 4, torch.randint(0, 400, (37,))
+    run = _in_bf16_autocast(lm_loss) if bf16 else lm_loss
+    loss = run(h.requires_grad_(), head, targets, "mean")
+    assert type(loss.grad_fn).__name__ == "NllLossBackward0"
+    reference = (_in_bf16_autocast(_autocast_reference) if bf16 else _reference)(h, head, targets, "mean")
+    torch.testing.assert_close(loss, reference)
 
 
 def test_other_cases_take_cross_entropy():

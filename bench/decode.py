@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from model.compute import describe_cpu
 from model.engine import Engine, SamplingParams
 from model.export_hf import export_hf
 from model.gpt import GPT, GPTConfig
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = torch's default")
     args = parser.parse_args()
+    print(describe_cpu(), flush=True)  # figures from different CPUs and ISAs are not comparable
     import transformers  # test requirement only
 
     if args.threads:

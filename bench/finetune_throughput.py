@@ -69,6 +69,7 @@ import numpy as np
 import torch
 
 from data_prep.instruction_shards import Record, split_records, write_instruction_shards
+from model.compute import describe_cpu
 from model.data import InstructionLoader
 from model.gpt import GPT, IGNORE_INDEX, GPTConfig
 from model.shards import DataError
@@ -225,6 +226,7 @@ def main() -> None:
     g.add_argument("--steps", type=int, default=6, help="timed micro-batches per variant, at quantiles of width; 0 = padding only")
     g.add_argument("--warmup", type=int, default=1, help="untimed micro-batches per variant first")
     args = parser.parse_args()
+    print(describe_cpu(), flush=True)  # figures from different CPUs and ISAs are not comparable
     if args.records < 20 or args.batch_size < 1 or args.steps < 0 or args.warmup < 0:
         parser.error("--records must be >= 20, --batch_size >= 1, --steps and --warmup >= 0")
     if args.n_embd % args.n_head:

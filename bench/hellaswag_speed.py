@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.hellaswag import Example, load_examples, score
+from model.compute import describe_cpu
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import VOCAB_SIZE, encode
 
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = torch's default")
     parser.add_argument("--skip_single", action="store_true", help="time the batched scorer only (full-val wall time)")
     args = parser.parse_args()
+    print(describe_cpu(), flush=True)  # figures from different CPUs and ISAs are not comparable
     if not Path(args.data).is_file():
         sys.exit(f"{args.data} is absent: pass --data PATH to a HellaSwag jsonl (e.g. the cached data/hellaswag/hellaswag_val.jsonl)")
     if args.threads:

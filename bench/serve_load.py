@@ -30,6 +30,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
 
+from model.compute import describe_cpu  # noqa: E402
 from model.gpt import GPTConfig  # noqa: E402
 from serving import gunicorn_server, write_model  # noqa: E402  (the tests' server harness)
 
@@ -112,6 +113,7 @@ def main() -> None:
     parser.add_argument("--max_tokens", type=int, default=128, help="tokens per stream")
     parser.add_argument("--max_rows", type=int, default=16, help="the server's NANOGPT_MAX_ROWS")
     args = parser.parse_args()
+    print(describe_cpu(), flush=True)  # figures from different CPUs and ISAs are not comparable
     counts = [int(c) for c in args.clients.split(",")]
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 import torch
 import transformers
 
-from model.compute import bf16_peak_flops, keep_freed_cpu_memory
+from model.compute import bf16_peak_flops, describe_cpu, keep_freed_cpu_memory
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import VOCAB_SIZE
 from model.trainer import loss_only_forward
@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = torch's default")
     parser.add_argument("--seed", type=int, default=1337, help="seed of weights and batches")
     args = parser.parse_args()
+    print(describe_cpu(), flush=True)  # figures from different CPUs and ISAs are not comparable
     shapes = args.shapes.split(",")
     if unknown := [s for s in shapes if s not in SHAPES]:
         parser.error(f"unknown shape(s) {unknown}: choose from {', '.join(SHAPES)}")

@@ -13,10 +13,13 @@ import platform
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+from model import cpu_linear
 
 # Dense bf16 peak FLOP/s for MFU: (words of the GPU's name, peak), the first entry whose words are all
 # in the name wins. Unknown GPUs, and MIG slices of known ones, report no MFU rather than a wrong one.
@@ -85,6 +88,26 @@ class Compute:
         if self.device.type != "cuda":
             return None
         return bf16_peak_flops(torch.cuda.get_device_name(self.device))
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it on Linux (x86 "model name", else the platform)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model") and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_cpu() -> str:
+    """One line naming this CPU and the instruction sets torch's CPU kernels take on it: ATen's
+    vectorised ops, oneDNN's products (both after ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA caps),
+    and whether bf16 is native. Benchmarks print it: a figure means little without it."""
+    return (f"CPU: {cpu_name()}, {os.cpu_count()} cores | ATen: {torch.backends.cpu.get_cpu_capability()} | "
+            f"oneDNN: {cpu_linear.onednn_isa() or 'absent'} | bf16: {'native' if cpu_linear.native_bf16() else 'emulated'}")
 
 
 def check_device(device: str) -> None:

@@ -19,6 +19,10 @@ model/gpt.py's Linear calls linear() for float32 on CPU; everything else keeps F
 from __future__ import annotations
 
 import functools
+import os
+import re
+import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +80,29 @@ def native_bf16() -> bool:
     elsewhere bf16 is emulated or left to torch's generic kernels, slower than float32."""
     on_x86 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return on_x86 and runs(torch.bfloat16)
+
+
+@functools.cache
+def onednn_isa() -> str | None:
+    """The instruction set oneDNN dispatches to here, as its verbose mode names it ("Intel AVX2",
+    "Intel AVX-512 with ..."): after ONEDNN_MAX_CPU_ISA, so what its kernels really use. None
+    without oneDNN. Captures oneDNN's verbose lines, which it prints to file descriptor 1."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    x = torch.ones(2, 8)
+    with tempfile.TemporaryFile() as captured, torch.no_grad():
+        sys.stdout.flush()  # what Python holds goes out before fd 1 is borrowed
+        stdout = os.dup(1)
+        os.dup2(captured.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                product(x, x)
+        finally:
+            os.dup2(stdout, 1)
+            os.close(stdout)
+        captured.seek(0)
+        match = re.search(r"info,cpu,isa:([^\n]+)", captured.read().decode(errors="replace"))
+    return match.group(1).strip() if match else "unknown"
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

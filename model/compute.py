@@ -91,15 +91,21 @@ class Compute:
 
 
 def cpu_name() -> str:
-    """The CPU's model name, as /proc/cpuinfo gives it on Linux (x86 "model name", else the platform)."""
+    """The CPU's model name from /proc/cpuinfo on Linux, with x86's family and model numbers or ARM's
+    implementer and part (VMs often give only a generic name); the platform's word elsewhere."""
     try:
+        info: dict[str, str] = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model") and value.strip():
-                return value.strip()
+            info.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    name = info.get("model name") or info.get("Model") or info.get("Hardware") or platform.machine()
+    if "cpu family" in info and "model" in info:
+        return f"{name} (family {info['cpu family']} model {info['model']})"
+    if "CPU implementer" in info and "CPU part" in info:
+        return f"{name} (implementer {info['CPU implementer']} part {info['CPU part']})"
+    return name
 
 
 def describe_cpu() -> str:

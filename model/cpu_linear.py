@@ -5,7 +5,8 @@ repo is developed on) and reaches about half of what oneDNN, which picks its ker
 features whoever made it, does with the same fp32 numbers. Measured there at the GPT-2 124M shape
 with 1024 rows: each forward, input-gradient and weight-gradient product about 2x faster; a whole
 124M training step 1.7x; a decode step of one row about 4x with packed weights. Results are fp32
-(relative error 1e-6 against float64, as MKL's).
+(relative error 1e-6 against float64, as MKL's). On an Intel Xeon, where MKL takes its tuned path,
+MKL was as fast or faster product by product (README, Benchmarks): the gain is AMD's.
 
 These are torch's private oneDNN ops, and what they accept depends on the CPU: on a plain AVX2 CPU
 (or with ONEDNN_MAX_CPU_ISA=AVX2) oneDNN has no bf16 kernel at all and the op raises. So each path
@@ -13,7 +14,7 @@ is taken only after oneDNN has run it once here (runs(), a tiny product asked on
 dtype); everywhere else model/gpt.py and model/lm_loss.py keep torch's own F.linear and
 cross-entropy.
 
-model/gpt.py's Linear calls linear() for float32 on CPU; everything else keeps F.linear.
+model/gpt.py's Linear calls linear() for float32 on CPU where runs(); everything else keeps F.linear.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ def runs(dtype: torch.dtype) -> bool:
     The inputs are made without the global RNG, so asking never changes a seeded run."""
     if not torch.backends.mkldnn.is_available():
         return False
-    x = (torch.arange(24, dtype=torch.float32).view(3, 8) / 8 - 1).to(dtype)
-    w = (torch.arange(128, dtype=torch.float32).view(16, 8) / 64 - 1).to(dtype)
+    # on the CPU whatever the default device (a meta or CUDA default would otherwise cache a False)
+    x = (torch.arange(24, dtype=torch.float32, device="cpu").view(3, 8) / 8 - 1).to(dtype)
+    w = (torch.arange(128, dtype=torch.float32, device="cpu").view(16, 8) / 64 - 1).to(dtype)
     with torch.no_grad(), torch.autocast("cpu", enabled=False):
         expected = F.linear(x.float(), w.float())
         try:
@@ -76,8 +78,9 @@ def usable_bf16(x: torch.Tensor) -> bool:
 
 def native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX) and oneDNN does so here.
-    There, oneDNN's bf16 products run 2-2.7x its float32 ones (measured on the AMD EPYC dev box);
-    elsewhere bf16 is emulated or left to torch's generic kernels, slower than float32."""
+    On an AMD EPYC Zen 4 oneDNN's bf16 products ran 2-2.7x its float32 ones, but on an Intel Xeon
+    with AVX512-BF16 and no AMX the demo trained slower in bf16 than in float32 (README); elsewhere
+    bf16 is emulated or left to torch's generic kernels, slower than float32."""
     on_x86 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return on_x86 and runs(torch.bfloat16)
 
@@ -86,10 +89,14 @@ def native_bf16() -> bool:
 def onednn_isa() -> str | None:
     """The instruction set oneDNN dispatches to here, as its verbose mode names it ("Intel AVX2",
     "Intel AVX-512 with ..."): after ONEDNN_MAX_CPU_ISA, so what its kernels really use. None
-    without oneDNN. Captures oneDNN's verbose lines, which it prints to file descriptor 1."""
+    without oneDNN. Captures oneDNN's verbose lines, which it prints to file descriptor 1, so call
+    it before other threads write there (the benchmarks call it first)."""
     if not torch.backends.mkldnn.is_available():
         return None
-    x = torch.ones(2, 8)
+    if os.environ.get("ONEDNN_VERBOSE") or os.environ.get("DNNL_VERBOSE"):
+        # oneDNN has printed (or will print) its header where the user asked: not ours to capture
+        return f"not read (ONEDNN_VERBOSE is set; cap: {os.environ.get('ONEDNN_MAX_CPU_ISA', 'none')})"
+    x = torch.ones(2, 8, device="cpu")
     with tempfile.TemporaryFile() as captured, torch.no_grad():
         sys.stdout.flush()  # what Python holds goes out before fd 1 is borrowed
         stdout = os.dup(1)

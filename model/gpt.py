@@ -216,8 +216,8 @@ class GPT(nn.Module):
         F.linear for 1 to 16 rows at the 124M shape, and each row gets the same bits whatever the
         batch (README, Benchmarks). It costs a second copy of the weights in memory, so
         inference-only callers (the server, the CLI, eval) ask for it; training never does. Returns
-        False, changing nothing, where it does not apply (weights not float32 on CPU, or a torch
-        without oneDNN).
+        False, changing nothing, where it does not apply (weights not float32 on CPU, a torch
+        without oneDNN, or a oneDNN that cannot run float32 products here: cpu_linear.runs).
         """
         if not cpu_linear.usable(self.lm_head.weight):
             return False

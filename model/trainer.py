@@ -85,8 +85,9 @@ def add_training_args(
     g.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu; or e.g. cuda:1")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="autocast dtype of the forward pass; auto = bfloat16 on CUDA, float32 elsewhere. On a CPU "
-                        "that multiplies bf16 natively (AVX512-BF16 or AMX) bfloat16 steps are about 1.5x faster; on "
-                        "other CPUs bfloat16 runs emulated, slower than float32 (a note says so)")
+                        "that multiplies bf16 natively (AVX512-BF16 or AMX) bfloat16 steps were about 1.5x faster on an AMD "
+                        "EPYC Zen 4 (slower on an Intel Xeon without AMX); on other CPUs bfloat16 runs emulated, slower "
+                        "than float32 (a note says so)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training module (evaluation uses the uncompiled one)")
     g.add_argument("--seed", type=int, default=1337, help="seed of the initialisation and of dropout (rank r uses seed + r)")
     g = parser.add_argument_group("optimisation")

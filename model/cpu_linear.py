@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 
-def _eager_onednn_cpu(x: torch.Tensor) -> bool:
-    # not under torch.compile, which chooses its own kernels; and a torch built with oneDNN
-    return x.device.type == "cpu" and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available()
+def _eager_cpu(x: torch.Tensor) -> bool:
+    # not under torch.compile, which chooses its own kernels (runs() answers for a torch without oneDNN)
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 @functools.cache
@@ -60,20 +60,19 @@ def runs(dtype: torch.dtype) -> bool:
 def usable(x: torch.Tensor) -> bool:
     """Whether x can go through oneDNN here: float32 on CPU, no autocast (which would want bf16
     products), not under torch.compile (which chooses its own kernels), and a oneDNN that runs it."""
-    return (_eager_onednn_cpu(x) and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    return (_eager_cpu(x) and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and runs(torch.float32))
 
 
 def bf16_autocast(x: torch.Tensor) -> bool:
     """Whether x is on CPU under bf16 autocast, outside torch.compile."""
-    return (x.device.type == "cpu" and not torch.compiler.is_compiling() and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    return _eager_cpu(x) and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def usable_bf16(x: torch.Tensor) -> bool:
     """Whether x is under CPU bf16 autocast, outside torch.compile, with a oneDNN that multiplies
     bf16 here."""
-    return bf16_autocast(x) and torch.backends.mkldnn.is_available() and runs(torch.bfloat16)
+    return bf16_autocast(x) and runs(torch.bfloat16)
 
 
 def native_bf16() -> bool:

@@ -52,6 +52,10 @@ class Paths:
         return self.source / "heldout.jsonl"
 
     @property
+    def heldout_chat(self) -> Path:
+        return self.source / "heldout_chat.jsonl"
+
+    @property
     def pretrain_data(self) -> Path:
         return self.work / "pretrain"
 
@@ -114,11 +118,12 @@ def prepare_builtin(args: argparse.Namespace, paths: Paths) -> None:
     else:
         run([PY, "data_prep/fineweb.py", "--input", str(paths.source / "pretrain.jsonl"), "--out_dir",
              str(paths.pretrain_data), "--shard_size", "100000", "--num_proc", "1"])
-    banner("3/8 instruction shards (prompt template + response; loss only on the response)")
-    if fresh(paths.instruction_data / "manifest.json", paths.source / "instructions.jsonl"):
+    banner("3/8 instruction shards: instructions and conversations (prompt template + replies; loss only on the replies)")
+    inputs = [paths.source / "instructions.jsonl", paths.source / "conversations.jsonl"]
+    if fresh(paths.instruction_data / "manifest.json", *inputs):
         print(f"{paths.instruction_data}: reused")
     else:
-        run([PY, "data_prep/prepare_custom_dataset.py", str(paths.source / "instructions.jsonl"), "--out_dir",
+        run([PY, "data_prep/prepare_custom_dataset.py", *map(str, inputs), "--out_dir",
              str(paths.instruction_data), "--max_len", str(args.seq_len)])
 
 
@@ -158,14 +163,19 @@ def wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 120) -> boo
 
 
 def example_messages(args: argparse.Namespace, paths: Paths) -> list[dict]:
-    """A chat for the printed snippets: with the built-in corpus, a held-out question the tuned model
-    answered right (its context, if any, as the system message)."""
+    """A chat for the printed snippets: with the built-in corpus, a held-out follow-up conversation the
+    tuned model answered right (else a held-out question, its context as the system message)."""
     if args.source == "hub":
         return [{"role": "user", "content": "Name three primary colours."}]
-    records = [json.loads(line) for line in paths.heldout.read_text().splitlines()]
-    scores = json.loads((paths.runs / "exact_match.json").read_text())["models"][paths.tuned.name]
-    right = [r for r, a in zip(records, scores["answers"]) if a.strip() == r["response"].strip()]
-    record = (right or records)[0]
+    singles = [json.loads(line) for line in paths.heldout.read_text().splitlines()]
+    chats = [json.loads(line) for line in paths.heldout_chat.read_text().splitlines()]
+    answers = json.loads((paths.runs / "exact_match.json").read_text())["models"][paths.tuned.name]["answers"]
+    followed = [c["messages"][:-1] for c, a in zip(chats, answers[len(singles) :])
+                if a.strip() == c["messages"][-1]["content"].strip()]
+    if followed:
+        return followed[0]
+    right = [r for r, a in zip(singles, answers) if a.strip() == r["response"].strip()]
+    record = (right or singles)[0]
     system = [{"role": "system", "content": record["context"]}] if record["context"] else []
     return system + [{"role": "user", "content": record["instruction"]}]
 
@@ -265,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     ])
 
     banner("5/8 fine-tuning it to follow instructions (the pretrained model's answers are logged at step 0)")
-    extra = ["--exact_match_data", str(paths.heldout)] if args.source == "builtin" else []
+    heldout = [str(paths.heldout), str(paths.heldout_chat)]
+    extra = ["--exact_match_data", *heldout] if args.source == "builtin" else []
     train("model/finetune_dolly.py", paths.tuned, args.finetune_steps, [
         "--data_dir", str(paths.instruction_data), "--pretrained_checkpoint", str(paths.pretrained), "--dtype", args.dtype,
         "--dropout", "0", "--batch_size", str(args.finetune_batch_size), "--total_batch_size", str(args.finetune_batch_size),
@@ -277,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     banner("6/8 before and after tuning")
     if args.source == "builtin":
         run([PY, "eval/exact_match.py", "--checkpoint", str(paths.pretrained), str(paths.tuned),
-             "--data", str(paths.heldout), "--show", "3", "--out_json", str(paths.runs / "exact_match.json")])
+             "--data", *heldout, "--show", "4", "--out_json", str(paths.runs / "exact_match.json")])
     else:
         for run_dir in (paths.pretrained, paths.tuned):
             run([PY, "eval/hellaswag.py", "--checkpoint", str(run_dir), "--limit", "500"])

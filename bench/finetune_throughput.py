@@ -68,7 +68,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # write_instruction_shards' progress
 import numpy as np
 import torch
 
-from data_prep.instruction_shards import Record, split_records, write_instruction_shards
+from data_prep.instruction_shards import Record, record_turns, split_records, write_instruction_shards
 from model.compute import describe_cpu
 from model.data import InstructionLoader
 from model.gpt import GPT, IGNORE_INDEX, GPTConfig
@@ -124,7 +124,7 @@ def synth_records(n: int, seed: int) -> list[Record]:
 
 def prepare_shards(out_dir: Path, records: int, seed: int) -> dict:
     """Write synthetic records as masked instruction shards with the repo's pipeline; return the manifest."""
-    splits = split_records(synth_records(records, seed), VAL_FRACTION, seed)
+    splits = split_records([record_turns(r) for r in synth_records(records, seed)], VAL_FRACTION, seed)
     return write_instruction_shards(
         out_dir, splits, producer=PRODUCER, source=f"synthetic Dolly-shaped records, seed {seed}",
         settings={"val_fraction": VAL_FRACTION, "seed": seed, "max_len": MAX_LEN}, invalid_skipped=0,

@@ -18,6 +18,11 @@ short list holds, and three digits in increasing order. It is written two ways:
   "new phrasing" (a wording no instruction record uses; the prose uses its words). The facts are
   all in the pretraining prose: held-out accuracy measures whether tuning taught the model to
   answer, not whether it memorised the tuning set.
+- conversations.jsonl: two- and three-turn chats in OpenAI's {"messages": [...]} form whose later
+  questions need an earlier turn: "Which is larger, 3 or 8?" "8" "And 2 or 6?" "6" (FOLLOW_UPS), and
+  "Sort 9, 2, 5." "2, 5, 9" "Now the other way round." "9, 5, 2".
+- heldout_chat.jsonl: such chats whose last question asks about a fact (or list) that fine-tuning
+  never asked about, split "follow-up"; their last reply is the expected answer.
 
 Everything follows from --seed: the same command writes the same bytes. eval/exact_match.py
 scores a checkpoint on heldout.jsonl.
@@ -42,8 +47,21 @@ DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sun
 MONTHS = [("January", 31), ("February", 28), ("March", 31), ("April", 30), ("May", 31), ("June", 30),
           ("July", 31), ("August", 31), ("September", 30), ("October", 31), ("November", 30), ("December", 31)]
 ITEMS = ["apple", "pear", "plum", "cup", "spoon", "lamp", "book", "pen"]
-FILES = ("pretrain.jsonl", "instructions.jsonl", "heldout.jsonl")
+FILES = ("pretrain.jsonl", "instructions.jsonl", "heldout.jsonl", "conversations.jsonl", "heldout_chat.jsonl")
 LISTS_PER_TASK = 150  # lists a counting or sorting task asks about in fine-tuning
+
+# A conversation's follow-up question, which only the turn before it makes answerable: "And 2 or 6?"
+# asks for the larger after "Which is larger, 3 or 8?" and for the smaller after "Which is smaller...".
+FOLLOW_UPS = {
+    "add": "And {a} and {b}?",
+    "larger": "And {a} or {b}?", "smaller": "And {a} or {b}?",
+    "day_after": "And after {day}?", "day_before": "And before {day}?",
+    "month_after": "And after {month}?", "month_before": "And before {month}?",
+    "month_days": "And {month}?", "month_number": "And {month}?",
+}
+REVERSE = "Now the other way round."  # after a sorted list: the same numbers from largest to smallest
+CHATS_PER_TASK = 60  # tuning conversations per follow-up task (and one per sorted list)
+HELDOUT_CHATS_PER_TASK = 10
 
 
 @dataclass(frozen=True)
@@ -175,18 +193,18 @@ TASKS = (
     Task("count",
          ("Count {said} and you get {answer}.", "{said}: that makes {answer} things."),
          (("How many items are in this list?", "{items}"), ("Count the items.", "{items}"),
-          ("How many things are in the list?", "{items}"), ("Count the things in this list.", "{items}"),
-          ("How many items does this list have?", "{items}"), ("Tell me how many things are listed.", "{items}"),
-          ("What is the number of items here?", "{items}"), ("Count these things.", "{items}")),
-         (("How many things does the list hold?", "{items}"),),
+          ("How many things are in the list?", "{items}"), ("How many items are in this list: {items}?", ""),
+          ("How many items does this list have?", "{items}"), ("Tell me how many things are listed: {items}.", ""),
+          ("What is the number of items here?", "{items}"), ("Count these things: {items}.", "")),
+         (("How many things does the list hold?", "{items}"), ("How many things does this list hold: {items}?", "")),
          draw=_count),
     Task("sort",
          ("Sorted from smallest to largest, {said} are {answer}.", "In increasing order, {said} become {answer}."),
-         (("Sort these numbers from smallest to largest.", "{nums}"), ("Sort the numbers.", "{nums}"),
-          ("Order these numbers from smallest to largest.", "{nums}"), ("Put the numbers in order.", "{nums}"),
+         (("Sort these numbers from smallest to largest.", "{nums}"), ("Sort {nums}.", ""),
+          ("Order these numbers from smallest to largest: {nums}.", ""), ("Put the numbers in order.", "{nums}"),
           ("Arrange these numbers from lowest to highest.", "{nums}"), ("Sort this list of numbers.", "{nums}"),
-          ("List these numbers from smallest to largest.", "{nums}"), ("Order the numbers, smallest first.", "{nums}")),
-         (("Put these numbers in increasing order.", "{nums}"),),
+          ("Put these numbers in order: {nums}.", ""), ("Order the numbers, smallest first.", "{nums}")),
+         (("Put these numbers in increasing order.", "{nums}"), ("Put these numbers in increasing order: {nums}", "")),
          draw=_sort),
 )
 
@@ -207,8 +225,48 @@ def _distinct(task: Task, rng: random.Random, n: int, taken: set[Fact]) -> list[
     return found
 
 
+def _turn(fact: Fact, template: Template) -> list[dict]:
+    """One exchange as chat messages: the record's context (a list) is the system message, as the server renders it."""
+    record = _record(fact, template)
+    system = [{"role": "system", "content": record["context"]}] if record["context"] else []
+    return system + [{"role": "user", "content": record["instruction"]}, {"role": "assistant", "content": fact.answer}]
+
+
+def _follow_up(fact: Fact) -> list[dict]:
+    if fact.task == "sort":
+        answer = ", ".join(reversed(fact.answer.split(", ")))
+        return [{"role": "user", "content": REVERSE}, {"role": "assistant", "content": answer}]
+    return [{"role": "user", "content": fact.fill(FOLLOW_UPS[fact.task])}, {"role": "assistant", "content": fact.answer}]
+
+
+def _chat(task: Task, first: Fact, then: list[Fact], rng: random.Random, **extra: str) -> dict:
+    messages = _turn(first, rng.choice(task.asked))
+    for fact in then:
+        messages += _follow_up(fact)
+    return {"messages": messages, "task": task.name, **extra}
+
+
+def conversations(task: Task, known: list[Fact], new: list[Fact], rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """(tuning, held-out) chats of a task. Tuning chats open with a known fact and follow up on known
+    facts, a third of them twice; a sixth of the known facts are never followed up on in tuning, and
+    each held-out chat follows up on one of those or on a new fact (sort: on a new list)."""
+    if task.name == "sort":  # every known list, then reversed; held out: new lists
+        tuned = [_chat(task, fact, [fact], rng) for fact in known]
+        return tuned, [_chat(task, fact, [fact], rng, split="follow-up") for fact in new[:HELDOUT_CHATS_PER_TASK]]
+    if task.name not in FOLLOW_UPS:
+        return [], []
+    reserved = rng.sample(known, max(1, len(known) // 6))
+    follow = [f for f in known if f not in reserved]
+    tuned = [_chat(task, rng.choice(known), rng.sample(follow, 1 + (rng.random() < 1 / 3)), rng)
+             for _ in range(CHATS_PER_TASK)]
+    unseen = reserved + new
+    heldout = [_chat(task, rng.choice(known), [unseen[i % len(unseen)]], rng, split="follow-up")
+               for i in range(HELDOUT_CHATS_PER_TASK)]
+    return tuned, heldout
+
+
 def build(seed: int, sentences_per_task: int, heldout_fraction: float, heldout_per_task: int) -> dict[str, list[dict]]:
-    """The three files' records.
+    """The five files' records.
 
     Fine-tuning asks every fact of a finite task in each `asked` phrasing, except a seeded
     heldout_fraction of them, and LISTS_PER_TASK random lists of each list task. The held-out set
@@ -222,6 +280,8 @@ def build(seed: int, sentences_per_task: int, heldout_fraction: float, heldout_p
     sentences: list[str] = []
     instructions: list[dict] = []
     heldout: list[dict] = []
+    chats: list[dict] = []
+    heldout_chats: list[dict] = []
     for task in TASKS:
         if task.facts:
             facts = list(task.facts)
@@ -238,15 +298,20 @@ def build(seed: int, sentences_per_task: int, heldout_fraction: float, heldout_p
         heldout += [_record(f, rng.choice(task.asked), split="new operands") for f in new[:heldout_per_task]]
         phrased = rng.sample(known + new, min(heldout_per_task, len(known) + len(new)))
         heldout += [_record(f, rng.choice(task.new_asked), split="new phrasing") for f in phrased]
+        tuned_chats, new_chats = conversations(task, known, new, rng)
+        chats += tuned_chats
+        heldout_chats += new_chats
     rng.shuffle(sentences)
     rng.shuffle(instructions)
+    rng.shuffle(chats)
     # documents of 4 to 12 sentences: fineweb.py puts <|endoftext|> between them, as between web pages
     docs, i = [], 0
     while i < len(sentences):
         n = rng.randint(4, 12)
         docs.append({"text": " ".join(sentences[i : i + n])})
         i += n
-    return {"pretrain.jsonl": docs, "instructions.jsonl": instructions, "heldout.jsonl": heldout}
+    return {"pretrain.jsonl": docs, "instructions.jsonl": instructions, "heldout.jsonl": heldout,
+            "conversations.jsonl": chats, "heldout_chat.jsonl": heldout_chats}
 
 
 def write_corpus(out_dir: str | Path, seed: int = 1337, sentences_per_task: int = 6000, heldout_fraction: float = 0.15,
@@ -278,7 +343,7 @@ def write_corpus(out_dir: str | Path, seed: int = 1337, sentences_per_task: int 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--out_dir", default="data/demo/source", help="where the three jsonl files and manifest.json go")
+    parser.add_argument("--out_dir", default="data/demo/source", help="where the five jsonl files and manifest.json go")
     parser.add_argument("--seed", type=int, default=1337, help="seed of every random choice")
     parser.add_argument("--sentences_per_task", type=int, default=6000, help="prose sentences of each task")
     parser.add_argument("--heldout_fraction", type=float, default=0.15,
@@ -293,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = write_corpus(args.out_dir, args.seed, args.sentences_per_task, args.heldout_fraction, args.heldout_per_task)
     counts = manifest["counts"]
     print(f"{args.out_dir}: {counts['pretrain.jsonl']} prose documents, {counts['instructions.jsonl']} instruction "
-          f"records, {counts['heldout.jsonl']} held-out records over {len(manifest['tasks'])} tasks")
+          f"records, {counts['conversations.jsonl']} conversations, {counts['heldout.jsonl']} held-out records and "
+          f"{counts['heldout_chat.jsonl']} held-out conversations over {len(manifest['tasks'])} tasks")
     return 0
 
 

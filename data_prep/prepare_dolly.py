@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", default=None,
                         help=f"a local jsonl in Dolly's schema instead of {HUB_DATASET} from the Hub")
 
-    def rows_and_source(args: argparse.Namespace) -> tuple[Rows, str]:
+    def rows_and_source(args: argparse.Namespace) -> tuple[list[Rows], str]:
         if args.input:
-            return jsonl_rows(args.input), str(Path(args.input).resolve())
-        return hub_rows(), HUB_DATASET
+            return [jsonl_rows(args.input)], str(Path(args.input).resolve())
+        return [hub_rows()], HUB_DATASET
 
     return run_cli(parser, argv, out_dir="data/dolly", producer=PRODUCER, rows_and_source=rows_and_source)
 

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from model.gpt import IGNORE_INDEX
-from model.shards import MANIFEST, DataError, load_shard, read_manifest, shard_intact
+from model.shards import MANIFEST, MASK_END, MASK_VALUES, DataError, load_shard, read_manifest, shard_intact
 from model.tokenizer import EOT
 
 # what makes instruction data, named in the errors that tell a user to make some
-INSTRUCTION_PRODUCERS = "data_prep/prepare_dolly.py (or prepare_custom_dataset.py)"
+INSTRUCTION_PRODUCERS = "data_prep/prepare_dolly.py (or prepare_custom_dataset.py, prepare_chat.py)"
 
 
 class TokenShardLoader:
@@ -121,10 +121,11 @@ class TokenShardLoader:
 class InstructionLoader:
     """Batches (x, y) of whole instruction examples from shards made by data_prep/instruction_shards.py.
 
-    Each example (prompt, response, <|endoftext|>) is one row: x its tokens but the last, y its tokens
-    but the first where the loss mask is 1 (response and closing token) and IGNORE_INDEX elsewhere.
-    Rows are padded to the longest row of the micro-batch; padding is ignored too, so the loss is
-    over response tokens only.
+    Each example (a conversation's turns up to its last trained reply and that reply's
+    <|endoftext|>) is one row: x its tokens but the last, y its tokens but the first where the loss
+    mask is nonzero (trained replies and their closing tokens) and IGNORE_INDEX elsewhere. Rows are
+    padded to the longest row of the micro-batch; padding is ignored too, so the loss is over
+    trained reply tokens only.
 
     Order: the global micro-batch is batch_size * world_size examples and rank r takes rows
     [r*B, (r+1)*B) of it. With shuffle (training), every epoch draws a permutation seeded by
@@ -154,7 +155,7 @@ class InstructionLoader:
         self.B, self.rank, self.world_size = batch_size, rank, world_size
         self.shuffle, self.bucket, self.seed = shuffle, bucket, seed
         self.tokens, self.mask = load_instruction_split(data_dir, split)
-        ends = np.flatnonzero((self.tokens == EOT) & (self.mask == 1)) + 1
+        ends = np.flatnonzero(self.mask == MASK_END) + 1
         self.starts = np.concatenate([[0], ends[:-1]])
         self.lengths = ends - self.starts
         if block_size is not None and self.lengths.max() - 1 > block_size:
@@ -202,7 +203,7 @@ class InstructionLoader:
             s, n = self.starts[i], self.lengths[i]
             x[row, : n - 1] = self.tokens[s : s + n - 1]
             targets = self.tokens[s + 1 : s + n].astype(np.int64)  # int64 first: -100 does not fit a uint16
-            y[row, : n - 1] = np.where(self.mask[s + 1 : s + n] == 1, targets, IGNORE_INDEX)
+            y[row, : n - 1] = np.where(self.mask[s + 1 : s + n] > 0, targets, IGNORE_INDEX)
         self.load_state_dict({"epoch": self.epoch, "batch": self.batch + 1})  # at the epoch's end, the next
         return torch.from_numpy(x), torch.from_numpy(y)
 
@@ -214,9 +215,11 @@ class InstructionLoader:
         return len(self.lengths)
 
     def prompt_tokens(self, i: int) -> list[int]:
-        """The prompt of example i in file order (the tokens before its response)."""
+        """The prompt of example i's last trained reply, in file order: every token before that reply
+        (for a conversation, the earlier turns with their replies)."""
         s, n = self.starts[i], self.lengths[i]
-        return self.tokens[s : s + int(np.argmax(self.mask[s : s + n]))].tolist()
+        reply_start = int(np.flatnonzero(self.mask[s : s + n] == 0)[-1]) + 1
+        return self.tokens[s : s + reply_start].tolist()
 
     def state_dict(self) -> dict:
         """The position: plain ints, the same on every rank."""
@@ -243,6 +246,9 @@ def load_instruction_split(data_dir: str | Path, split: str) -> tuple[np.ndarray
             f"run {INSTRUCTION_PRODUCERS} and pass its --out_dir"
         )
     producer = manifest["producer"]
+    if manifest.get("mask_values") != MASK_VALUES:
+        raise DataError(f"{data_dir} was prepared by an earlier version of {producer}, whose masks do not mark where "
+                        f"examples end: run {producer} again")
     entries = [e for e in manifest["shards"] if e["split"] == split]
     if not entries:
         raise DataError(f"no {split} shards in {data_dir}: run {producer} again")
@@ -252,6 +258,6 @@ def load_instruction_split(data_dir: str | Path, split: str) -> tuple[np.ndarray
         for e in entries
     ]
     tokens, mask = np.concatenate(tokens), np.concatenate(masks)
-    if tokens[-1] != EOT or mask[-1] != 1:
+    if tokens[-1] != EOT or mask[-1] != MASK_END:
         raise DataError(f"the {split} shards of {data_dir} do not end with a closing <|endoftext|>: run {producer} again")
     return tokens, mask

@@ -1,4 +1,5 @@
-"""Instruction-tune a GPT on masked instruction shards (data_prep/prepare_dolly.py or prepare_custom_dataset.py).
+"""Instruction-tune a GPT on masked instruction shards (data_prep/prepare_dolly.py, prepare_custom_dataset.py
+or prepare_chat.py): single instructions and whole conversations alike.
 
     python data_prep/prepare_dolly.py
     python model/finetune_dolly.py --pretrained_checkpoint checkpoints/pretrain/step_019073.pt
@@ -6,8 +7,9 @@
     python model/finetune_dolly.py --resume auto               # after an interruption: continues exactly
     torchrun --standalone --nproc_per_node=8 model/finetune_dolly.py --pretrained_checkpoint ...
 
-The loss is the mean over response tokens (and each closing <|endoftext|>) only: the prompt and the
-padding are masked out. A micro-batch is --batch_size whole examples padded to the longest; examples
+The loss is the mean over trained reply tokens (and each closing <|endoftext|>) only: prompts, replies
+kept as history (weight 0) and padding are masked out; a conversation trains all its replies in one
+row. A micro-batch is --batch_size whole examples padded to the longest; examples
 are grouped by length within a shuffled window (see model/data.py) so little compute goes to padding.
 --total_batch_size counts examples per optimizer step. The training loop is pretraining's
 (model/trainer.py): accumulation, DDP, warmup + cosine, clipping, atomic checkpoints, SIGTERM/SIGINT ->
@@ -33,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 import torch
 
-from eval.exact_match import answer, load_records, score
+from eval.exact_match import answer, load_questions, score
 from eval.hellaswag import add_hellaswag_args, hellaswag_evaluation
 from model.checkpoint import model_from_checkpoint
 from model.cli import HelpFormatter
@@ -77,9 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = parser.add_argument_group("sample answers")
     g.add_argument("--num_samples", type=int, default=3, help="val instructions answered greedily at each evaluation")
     g.add_argument("--sample_tokens", type=int, default=96, help="most tokens per sample answer")
-    g.add_argument("--exact_match_data", default=None,
-                   help="a jsonl of {instruction, context, response} records (e.g. data_prep/demo_corpus.py's "
-                        "heldout.jsonl): every --eval_every steps, log the share answered exactly (eval/exact_match.py)")
+    g.add_argument("--exact_match_data", nargs="+", default=None,
+                   help="jsonl files of held-out questions (instruction records or conversations, e.g. "
+                        "data_prep/demo_corpus.py's heldout.jsonl and heldout_chat.jsonl): every --eval_every steps, "
+                        "log the share answered exactly (eval/exact_match.py)")
     add_hellaswag_args(parser, every=0)  # e.g. --hellaswag_every 200: what tuning costs in general knowledge
     args = parser.parse_args(argv)
     check_training_args(parser, args)
@@ -124,16 +127,17 @@ def sample_answers(loader: InstructionLoader, num_samples: int, max_tokens: int,
     return evaluate
 
 
-def exact_match_evaluation(path: str, compute: Compute):
-    """An evaluation that logs the exact-match accuracy of greedy answers to the records in path
-    (on rank 0), overall and per "split" field where the records have one."""
-    records = load_records(path)
+def exact_match_evaluation(paths: list[str], compute: Compute):
+    """An evaluation that logs the exact-match accuracy of greedy answers to the records in paths
+    (on rank 0): overall, single- and multi-turn, and per "split" field where the records have one."""
+    questions = load_questions(paths)
 
     def evaluate(model: GPT) -> dict:
         if not compute.master:
             return {}
-        result = score(records, answer(model, records))
-        splits = {f"exact_match_{k.replace(' ', '_')}": v["accuracy"] for k, v in result["by_split"].items()}
+        result = score(questions, answer(model, questions))
+        splits = {f"exact_match_{k.replace(' ', '_').replace('-', '_')}": v["accuracy"]
+                  for field in ("by_split", "by_turns") for k, v in result[field].items()}
         return {"exact_match": result["accuracy"], **splits}
 
     return evaluate

@@ -1,8 +1,6 @@
-"""The prompt template: the one place that turns instructions and chat messages into model text.
+"""The prompt template: the one place that turns instructions and chat messages into model tokens.
 
-Data prep renders every training example with `render_prompt` + the response + <|endoftext|>;
-fine-tuning samples, evaluation and the server render their prompts with the same functions, so a
-model is always asked in exactly the shape it was tuned on:
+One exchange (a "turn") is rendered as
 
     ### Instruction:
     {instruction}
@@ -16,18 +14,41 @@ model is always asked in exactly the shape it was tuned on:
 The Context section appears only when there is context (a non-blank string). Text is used exactly
 as given: no stripping, no escaping (a response may itself contain "### Response:"; training masks
 tell the model where its answer starts, not a search for the header).
+
+A conversation is its turns back to back, each earlier reply closed by <|endoftext|>, the next
+"### Instruction:" right after it, and the turn to be answered ending with "### Response:\\n".
+Every part is tokenized on its own (reply texts, rendered prompts) and joined by token id, so the
+rendering of a history is exactly the first tokens of the rendering of any longer conversation.
+That is what lets tuning and serving agree: data prep (data_prep/instruction_shards.py) trains each
+reply after exactly the tokens the server (web/chat_request.py) and the terminal chat render for
+the messages before it, and one sequence can train every reply of a conversation at once.
+
+How OpenAI's chat messages map onto turns (chat_turns):
+  - a "user" message opens a turn; consecutive user messages are one instruction, joined by a
+    blank line;
+  - "system" / "developer" messages are the Context of the turn they precede (or of the turn they
+    sit in, before its reply), joined by blank lines; "tool" messages too, labelled "Tool: ";
+  - an "assistant" message is the reply of the open turn; consecutive ones are joined by a blank
+    line, and blank ones (a turn that only called a tool) are left out.
+A single user message therefore renders exactly like an instruction record without context, and
+one system message plus one user message like a record with context.
 """
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+from model.tokenizer import EOT, encode
 
 INSTRUCTION_HEADER = "### Instruction:\n"
 CONTEXT_HEADER = "### Context:\n"
 RESPONSE_HEADER = "### Response:\n"
 
-# chat roles and how the earlier turns of a conversation are labelled inside the Context section
 SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer name for the system role is "developer"
-TRANSCRIPT_LABELS = {"user": "User", "assistant": "Assistant", "tool": "Tool"}
-CHAT_ROLES = SYSTEM_ROLES + tuple(TRANSCRIPT_LABELS)
+CHAT_ROLES = (*SYSTEM_ROLES, "user", "assistant", "tool")
+TOOL_LABEL = "Tool: "
+MAX_TOKEN_BYTES = 128  # GPT-2's longest token: text of more than budget × this bytes cannot fit in budget tokens
 
 
 def render_prompt(instruction: str, context: str | None = None) -> str:
@@ -40,6 +61,14 @@ def render_prompt(instruction: str, context: str | None = None) -> str:
     if context is not None and context.strip():
         prompt += CONTEXT_HEADER + context + "\n\n"
     return prompt + RESPONSE_HEADER
+
+
+class ChatError(ValueError):
+    """Messages that cannot be rendered; `param` names the field (e.g. "messages[2].content")."""
+
+    def __init__(self, message: str, param: str = "messages"):
+        super().__init__(message)
+        self.param = param
 
 
 def message_text(content: str | list | None) -> str:
@@ -63,36 +92,160 @@ def message_text(content: str | list | None) -> str:
     return "\n".join(texts)
 
 
-def render_messages(messages: list[dict]) -> str:
-    """The prompt for an OpenAI-style chat: a list of {"role", "content"} dicts.
+@dataclass(frozen=True)
+class Turn:
+    """One exchange: an instruction, its context, and the reply (None: the one the model is to write).
 
-    The model was tuned on single instructions, so a conversation is folded into one:
-      - Instruction: the last "user" message.
-      - Context: first the "system"/"developer" texts (joined by blank lines), then every other
-        user, assistant and tool message in order, one per paragraph, as "User: ...",
-        "Assistant: ..." and "Tool: ...". Messages with blank text (an assistant turn that only
-        called a tool) are left out.
-    A single user message therefore renders exactly like a training example without context,
-    and one system message plus one user message like one with context. Raises ValueError for
-    an unknown role, bad content or no user message.
+    context holds (role, text) of the system, developer and tool messages of the turn, in order.
+    weight is OpenAI fine-tuning's: 0 keeps a reply as history without training on it."""
 
-    >>> render_messages([{"role": "system", "content": "Be brief."},
-    ...                  {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-    ...                  {"role": "user", "content": "Name a colour."}])
-    '### Instruction:\\nName a colour.\\n\\n### Context:\\nBe brief.\\n\\nUser: Hi\\n\\nAssistant: Hello!\\n\\n### Response:\\n'
+    instruction: str
+    context: tuple[tuple[str, str], ...] = ()
+    reply: str | None = None
+    weight: int = 1
+
+    def text_bytes(self) -> int:
+        """UTF-8 bytes of its texts: a lower bound of its tokens times MAX_TOKEN_BYTES, known without encoding."""
+        return sum(len(t.encode()) for t in (self.instruction, self.context_text(), self.reply or ""))
+
+    def context_text(self) -> str:
+        return "\n\n".join(text if role in SYSTEM_ROLES else TOOL_LABEL + text for role, text in self.context)
+
+    def prompt(self) -> str:
+        return render_prompt(self.instruction, self.context_text())
+
+
+def chat_turns(messages: list, *, weights: bool = False, field: str = "messages") -> list[Turn]:
+    """The turns of an OpenAI-style list of messages, mapped as the module docstring says.
+
+    With weights (fine-tuning data), an assistant message's "weight" (0 or 1, default 1) is read;
+    the server leaves it alone. "name" and other keys are ignored. Raises ChatError naming the
+    message and field at fault: not an object, unknown role, a user/system/tool message without
+    text content, non-text content, a bad weight, an assistant message before any user message,
+    or no user message at all; field is the list's name in those messages. The last turn's reply is
+    None when the messages end before one.
+
+    >>> chat_turns([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    [Turn(instruction='Hi', context=(('system', 'Be brief.'),), reply=None, weight=1)]
     """
-    roles = [m.get("role") for m in messages]
-    for i, role in enumerate(roles):
+    turns: list[Turn] = []
+    context: list[tuple[str, str]] = []
+    users: list[str] = []
+    reply: list[str] = []
+    weight = 1
+
+    def close() -> None:
+        turns.append(Turn("\n\n".join(users), tuple(context), "\n\n".join(reply) if reply else None, weight))
+        context.clear(), users.clear(), reply.clear()
+
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ChatError(f"{field}[{i}] must be an object with 'role' and 'content'", f"{field}[{i}]")
+        role = m.get("role")
         if role not in CHAT_ROLES:
-            raise ValueError(f"messages[{i}].role is {role!r}: expected one of {', '.join(CHAT_ROLES)}")
-    if "user" not in roles:
-        raise ValueError("messages need at least one message with role 'user'")
-    last_user = len(roles) - 1 - roles[::-1].index("user")
-    texts = [message_text(m.get("content")) for m in messages]
-    system = [text for role, text in zip(roles, texts) if role in SYSTEM_ROLES and text.strip()]
-    transcript = [
-        f"{TRANSCRIPT_LABELS[role]}: {text}"
-        for i, (role, text) in enumerate(zip(roles, texts))
-        if role in TRANSCRIPT_LABELS and i != last_user and text.strip()
-    ]
-    return render_prompt(texts[last_user], "\n\n".join(system + transcript))
+            raise ChatError(f"{field}[{i}].role is {role!r}: expected one of {', '.join(CHAT_ROLES)}", f"{field}[{i}].role")
+        if role != "assistant" and m.get("content") is None:
+            raise ChatError(f"{field}[{i}].content is required for a {role} message", f"{field}[{i}].content")
+        try:
+            text = message_text(m.get("content"))
+        except ValueError as e:
+            raise ChatError(f"{field}[{i}].content: {e}", f"{field}[{i}].content") from None
+        if role == "assistant":
+            w = m.get("weight", 1) if weights else 1
+            if isinstance(w, bool) or w not in (0, 1):
+                raise ChatError(f"{field}[{i}].weight is {w!r}: it must be 0 (not trained on) or 1", f"{field}[{i}].weight")
+            if not text.strip():
+                if weights and w:
+                    raise ChatError(f"{field}[{i}] is an empty reply: give it text to train on, or weight 0",
+                                    f"{field}[{i}].content")
+                continue
+            if not users:
+                raise ChatError(f"{field}[{i}] is an assistant message with no user message before it: each reply "
+                                "answers a user message (a conversation starts with one, after any system messages)",
+                                f"{field}[{i}]")
+            if reply and w != weight:
+                raise ChatError(f"{field}[{i}] continues the assistant's reply before it with another weight: "
+                                "give consecutive assistant messages the same weight", f"{field}[{i}].weight")
+            reply.append(text)
+            weight = w
+            continue
+        if reply:  # the open turn has its reply: this message starts the next one
+            close()
+        if role == "user":
+            users.append(text)
+        elif text.strip():
+            context.append((role, text))
+    if not users:
+        raise ChatError(f"{field} need at least one message with role 'user'", field)
+    close()
+    return turns
+
+
+@functools.lru_cache(maxsize=256)
+def _encode(text: str) -> tuple[int, ...]:
+    # a conversation's turns are rendered again for every reply (tuning) or every request (serving)
+    return tuple(encode(text))
+
+
+def turn_tokens(turn: Turn) -> tuple[list[int], list[int]]:
+    """(prompt tokens, reply tokens) of one turn; the reply's end with <|endoftext|>, [] for no reply."""
+    return list(_encode(turn.prompt())), [] if turn.reply is None else [*_encode(turn.reply), EOT]
+
+
+def render_turns(turns: list[Turn]) -> tuple[list[int], list[int]]:
+    """(tokens, weights) of turns back to back: weights are 0 on prompts and each reply's weight on
+    that reply's tokens and its closing <|endoftext|>."""
+    tokens: list[int] = []
+    mask: list[int] = []
+    for turn in turns:
+        prompt, reply = turn_tokens(turn)
+        tokens += prompt + reply
+        mask += [0] * len(prompt) + [turn.weight] * len(reply)
+    return tokens, mask
+
+
+def check_awaiting(turns: list[Turn]) -> None:
+    """ChatError unless the last turn awaits its reply (messages that end with the assistant's ask nothing)."""
+    if turns[-1].reply is not None:
+        raise ChatError("the last message is the assistant's: end with a user message for the model to answer")
+
+
+def prompt_tokens(turns: list[Turn]) -> list[int]:
+    """The tokens that ask for the last turn's reply: what the server and the terminal chat feed the
+    model, and what tuning trained that reply after (check_awaiting's error if there is one already)."""
+    check_awaiting(turns)
+    return render_turns(turns)[0]
+
+
+def fit_turns(turns: list[Turn], budget: int) -> tuple[list[Turn], int]:
+    """The newest turns whose rendering takes at most `budget` tokens, and how many were dropped.
+
+    The oldest turns go first, whole (an instruction with its reply); the system and developer
+    messages of a dropped turn move to the first kept one, so the system prompt stays. The last
+    turn is always kept, so the result may still exceed the budget, which the caller checks.
+    Turns whose text alone is too long to fit (more than MAX_TOKEN_BYTES bytes a token) are
+    dropped without tokenizing them: a huge history costs no encoding.
+    """
+
+    def with_carried(start: int) -> Turn:
+        carried = tuple(c for t in turns[:start] for c in t.context if c[0] in SYSTEM_ROLES)
+        return replace(turns[start], context=carried + turns[start].context)
+
+    start, rest_bytes = len(turns) - 1, turns[-1].text_bytes()
+    while start > 0 and rest_bytes + turns[start - 1].text_bytes() <= budget * MAX_TOKEN_BYTES:
+        start -= 1
+        rest_bytes += turns[start].text_bytes()
+    lengths = {i: sum(map(len, turn_tokens(turns[i]))) for i in range(start + 1, len(turns))}
+    while start < len(turns) - 1:
+        if sum(map(len, turn_tokens(with_carried(start)))) + sum(lengths[i] for i in range(start + 1, len(turns))) <= budget:
+            break
+        start += 1
+    return [with_carried(start), *turns[start + 1 :]], start
+
+
+def history_budget(context: int, max_tokens: int | None) -> int:
+    """Tokens a served conversation may fill when its oldest turns are dropped to fit (fit_turns): the
+    context less room for the answer, max_tokens but at most a quarter of the context, so that a
+    large max_tokens does not leave out the whole history. The server (NANOGPT_DROP_OLD_TURNS) and
+    the terminal chat both use it."""
+    return context - min(max_tokens or context, context // 4)

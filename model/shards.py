@@ -20,6 +20,12 @@ MANIFEST = "manifest.json"
 SHARD_FORMAT = "nanogpt-token-shards/1"
 ENTRY_KEYS = {"file", "split", "tokens", "sha256"}  # what every shard's manifest entry holds
 
+# The loss mask beside instruction shards (uint8, one per token): 0 = not trained on (prompts, replies
+# kept as history), 1 = a trained reply token, 2 = the trained token that ends an example (the closing
+# <|endoftext|> of its last trained reply). An example may train several replies, so the end is marked.
+MASK_TRAINED, MASK_END = 1, 2
+MASK_VALUES = {"history": 0, "trained": MASK_TRAINED, "end": MASK_END}  # recorded in instruction manifests
+
 
 class DataError(ValueError):
     """Prepared data is missing or does not match its manifest; the message says what to run."""

@@ -19,7 +19,7 @@ import torch
 from conftest import REPO_ROOT
 from model.checkpoint import checkpoint_path, model_state, save_checkpoint
 from model.gpt import GPT, GPTConfig
-from model.prompt import render_messages
+from model.prompt import chat_turns, prompt_tokens
 from model.tokenizer import EOT, encode
 from test_hellaswag import free_port
 
@@ -42,7 +42,7 @@ def write_echo_model(models_dir: Path, name: str) -> None:
     """A tiny model trained (a few seconds) to answer ECHO_PROMPT with ECHO_REPLY and <|endoftext|>."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64))
-    tokens = encode(render_messages([{"role": "user", "content": ECHO_PROMPT}])) + encode(ECHO_REPLY) + [EOT]
+    tokens = prompt_tokens(chat_turns([{"role": "user", "content": ECHO_PROMPT}])) + encode(ECHO_REPLY) + [EOT]
     x, y = torch.tensor([tokens[:-1]]), torch.tensor([tokens[1:]])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(60):

@@ -16,7 +16,7 @@ import web.registry
 from model.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
 from model.engine import Engine, SamplingParams, generate
 from model.gpt import GPTConfig
-from model.prompt import render_messages
+from model.prompt import chat_turns, prompt_tokens
 from model.tokenizer import encode
 from conftest import REPO_ROOT
 from serving import write_model
@@ -55,7 +55,7 @@ def test_a_new_checkpoint_is_served_on_the_next_request(tmp_path):
     write_model(tmp_path, "run", SMALL, seed=1, step=2)
     status, second = chat(client, "run")
     model = model_from_checkpoint(load_checkpoint(checkpoint_path(tmp_path / "run", 2))).eval()
-    expected = "".join(generate(model, encode(render_messages(HI)), SamplingParams(temperature=0, max_tokens=12)))
+    expected = "".join(generate(model, prompt_tokens(chat_turns(HI)), SamplingParams(temperature=0, max_tokens=12)))
     assert second["choices"][0]["message"]["content"] == expected != first["choices"][0]["message"]["content"]
     health = client.get("/health").get_json()["models"]
     assert health["run"]["checkpoint"].endswith("step_000002.pt")

@@ -17,7 +17,7 @@ from conftest import REPO_ROOT
 from model.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from model.engine import SamplingParams, generate
 from model.gpt import GPTConfig
-from model.prompt import render_messages
+from model.prompt import chat_turns, prompt_tokens
 from model.tokenizer import decode, encode
 from serving import ECHO_PROMPT, ECHO_REPLY, write_echo_model, write_model
 from web import chat_cli
@@ -55,7 +55,7 @@ def test_streams_the_answer_byte_exact_and_leaves_at_end_of_input(models):
 def test_multi_turn_reset_and_quit_match_the_engine_on_the_rendered_history(models):
     model = model_from_checkpoint(load_checkpoint(resolve_checkpoint(models / "random"))).eval()
     params = SamplingParams(temperature=0, max_tokens=8)
-    reply = lambda messages: "".join(generate(model, encode(render_messages(messages)), params))  # noqa: E731
+    reply = lambda messages: "".join(generate(model, prompt_tokens(chat_turns(messages)), params))  # noqa: E731
     system = {"role": "system", "content": "Be brief."}
     first = reply([system, {"role": "user", "content": "Hello there."}])
     second = reply([system, {"role": "user", "content": "Hello there."}, {"role": "assistant", "content": first},
@@ -83,7 +83,7 @@ def test_a_full_context_drops_old_exchanges_and_a_too_long_message_is_skipped(mo
     status, out, err = run_cli(["--checkpoint", str(models / "echo"), "--temperature", "0"], stdin)
     assert status == 0, err
     assert 'left out the oldest 1 exchange(s), asking "first many words' in err
-    n = len(encode(render_messages([{"role": "user", "content": too_long}])))
+    n = len(prompt_tokens(chat_turns([{"role": "user", "content": too_long}])))
     assert f"is {n} tokens, the model's context 64: send a shorter one" in err
     said = answers(out)
     assert len(said) == 4 and said[-1] == ECHO_REPLY  # the chat went on, and /reset made it a first turn again
@@ -133,9 +133,9 @@ def test_ctrl_c_keeps_the_partial_answer_in_the_conversation(monkeypatch, capsys
     except KeyboardInterrupt:
         pytest.fail("Ctrl-C escaped the chat loop")
     assert answers(capsys.readouterr().out) == ["Hello [stopped]"] * 2
-    assert prompts[1] == render_messages([
+    assert prompts[1] == decode(prompt_tokens(chat_turns([
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Go on"},
-    ])
+    ])))
 
 
 def test_errors_say_what_to_do(models, tmp_path, monkeypatch, capsys):

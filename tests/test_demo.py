@@ -61,11 +61,21 @@ class Demo:
                 self.proc.kill()
 
 
+def as_chat(record: dict) -> list[dict]:
+    """A held-out record's question as chat messages: its context as the system message (the template's
+    Context); a held-out conversation's messages before its expected last reply."""
+    if "messages" in record:
+        return record["messages"][:-1]
+    system = [{"role": "system", "content": record["context"]}] if record["context"] else []
+    return system + [{"role": "user", "content": record["instruction"]}]
+
+
+def expected(record: dict) -> str:
+    return record["messages"][-1]["content"] if "messages" in record else record["response"]
+
+
 def ask(client: OpenAI, record: dict) -> str:
-    """A held-out record as a chat: its context as the system message (the prompt template's Context)."""
-    messages = [{"role": "system", "content": record["context"]}] if record["context"] else []
-    reply = client.chat.completions.create(model="tuned", messages=messages + [{"role": "user", "content": record["instruction"]}],
-                                           temperature=0, max_tokens=32)
+    reply = client.chat.completions.create(model="tuned", messages=as_chat(record), temperature=0, max_tokens=32)
     return reply.choices[0].message.content
 
 
@@ -84,16 +94,19 @@ def test_demo_runs_every_stage_serves_the_tuned_model_and_reuses_its_work(tmp_pa
             assert (runs / run / "report.md").is_file() and (runs / run / "loss.png").is_file()
         assert (runs / "tuned" / "metric_exact_match.png").is_file()  # held-out accuracy over fine-tuning
 
-        records = [json.loads(line) for line in (work / "source" / "heldout.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for name in ("heldout.jsonl", "heldout_chat.jsonl")
+                   for line in (work / "source" / name).read_text().splitlines()]
+        assert {r["split"] for r in records} == {"new operands", "new phrasing", "follow-up"}
         scored = json.loads((runs / "exact_match.json").read_text())["models"]
         assert scored["tuned"]["accuracy"] > scored["pretrained"]["accuracy"]
+        assert set(scored["tuned"]["by_turns"]) == {"single-turn", "multi-turn"}
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         served = [ask(client, r) for r in records]
-        # the server's greedy answers are the evaluation's, and the ones it scored right are right
+        # the server's greedy answers, follow-ups included, are the evaluation's, and the ones it scored right are right
         assert served == scored["tuned"]["answers"]
-        right = [r for r, a in zip(records, served) if a.strip() == r["response"]]
+        right = [r for r, a in zip(records, served) if a.strip() == expected(r)]
         assert len(right) == scored["tuned"]["correct"] >= 0.25 * len(records)
-        assert {r["split"] for r in right} == {"new operands", "new phrasing"}
+        assert {"new operands", "new phrasing"} <= {r["split"] for r in right}
     finally:
         assert demo.stop() == 0
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from data_prep.demo_corpus import DAYS, FILES, ITEMS, MONTHS, build, main, write_corpus
+from data_prep.demo_corpus import DAYS, FILES, FOLLOW_UPS, ITEMS, MONTHS, REVERSE, build, main, write_corpus
 
 MONTH_NAMES = [m for m, _ in MONTHS]
 WORDS = set(DAYS) | set(MONTH_NAMES) | set(ITEMS)
@@ -39,7 +39,7 @@ def expected(record: dict) -> str:
     if task in ("larger", "smaller"):
         return str(max(nums) if task == "larger" else min(nums))
     if task == "count":
-        return str(len(record["context"].split(", ")))
+        return str(sum(w in ITEMS for w in ops))
     if task == "sort":
         return ", ".join(map(str, sorted(nums)))
     if task.startswith("day_"):
@@ -55,6 +55,47 @@ def test_every_answer_is_true(corpus):
     assert len({r["task"] for r in records}) == 11
     for r in records:
         assert r["response"] == expected(r), r
+
+
+def chat_records(chat: dict) -> list[dict]:
+    """Each exchange of a chat as the record a lone question would be: a follow-up takes the task of the chat."""
+    records, context = [], ""
+    for m in chat["messages"]:
+        if m["role"] == "system":
+            context = m["content"]
+        elif m["role"] == "user":
+            records.append({"instruction": m["content"], "context": context, "task": chat["task"]})
+            context = ""
+        else:
+            records[-1]["response"] = m["content"]
+    return records
+
+
+def test_every_conversation_answer_is_true_and_needs_the_turn_before(corpus):
+    chats = corpus["conversations.jsonl"] + corpus["heldout_chat.jsonl"]
+    assert {c["task"] for c in chats} == set(FOLLOW_UPS) | {"sort"}
+    for chat in chats:
+        first, *follow_ups = chat_records(chat)
+        assert first["response"] == expected(first) and 1 <= len(follow_ups) <= 2
+        for r in follow_ups:
+            if chat["task"] == "sort":  # the list of the turn before, the other way round
+                assert r["instruction"] == REVERSE and r["response"] == ", ".join(reversed(first["response"].split(", ")))
+            else:  # a wording that names no task: "And 2 or 6?"
+                assert r["response"] == expected(r) and r["instruction"].startswith("And ")
+                assert not {"larger", "smaller", "plus", "days", "number"} & set(r["instruction"].split())
+
+
+def test_held_out_follow_ups_were_never_followed_up_on_in_tuning(corpus):
+    def follow_up(chat: dict, record: dict) -> tuple:
+        """What a follow-up asks about: its operands (sort: the list of the turn before)."""
+        asked = chat_records(chat)[0] if chat["task"] == "sort" else record
+        return chat["task"], operands(asked)
+
+    tuned = {follow_up(c, r) for c in corpus["conversations.jsonl"] for r in chat_records(c)[1:]}
+    heldout = corpus["heldout_chat.jsonl"]
+    assert len(heldout) >= 80 and {c["split"] for c in heldout} == {"follow-up"}
+    for chat in heldout:
+        assert follow_up(chat, chat_records(chat)[-1]) not in tuned, chat
 
 
 def test_held_out_questions_were_never_asked_in_fine_tuning(corpus):
@@ -102,12 +143,12 @@ def test_same_seed_same_bytes_and_a_rerun_rewrites_nothing(tmp_path):
 
 
 def test_cli_writes_records_the_instruction_prep_accepts(tmp_path, capsys):
-    from data_prep.instruction_shards import check_record
+    from data_prep.instruction_shards import jsonl_rows, read_rows
 
     assert main(["--out_dir", str(tmp_path), "--sentences_per_task", "100"]) == 0
-    assert "held-out records over 11 tasks" in capsys.readouterr().out
-    for name in ("instructions.jsonl", "heldout.jsonl"):
-        for line in (tmp_path / name).read_text().splitlines():
-            check_record(json.loads(line))
+    assert "held-out conversations over 11 tasks" in capsys.readouterr().out
+    for name in ("instructions.jsonl", "heldout.jsonl", "conversations.jsonl", "heldout_chat.jsonl"):
+        for where, _, turns in read_rows(jsonl_rows(tmp_path / name)):
+            assert not isinstance(turns, ValueError), f"{where}: {turns}"
     with pytest.raises(SystemExit):
         main(["--out_dir", str(tmp_path), "--heldout_fraction", "1"])

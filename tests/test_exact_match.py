@@ -5,16 +5,20 @@ import json
 
 import pytest
 
-from eval.exact_match import main, pick_examples, score
+from eval.exact_match import Question, main, pick_examples, score
+from model.prompt import Turn
 from serving import ECHO_PROMPT, ECHO_REPLY, write_echo_model
 
 
 def test_score_counts_exact_answers_by_split_and_task():
+    def question(expected, task, split, turns="single-turn"):
+        return Question((Turn("q"),), expected, {"turns": turns, "task": task, "split": split})
+
     records = [
-        {"instruction": "a", "response": "12", "task": "add", "split": "new operands"},
-        {"instruction": "b", "response": "Tuesday", "task": "day_after", "split": "new phrasing"},
-        {"instruction": "c", "response": "3, 7, 12", "task": "sort", "split": "new operands"},
-        {"instruction": "d", "response": "5", "task": "add", "split": "new phrasing"},
+        question("12", "add", "new operands"),
+        question("Tuesday", "day_after", "new phrasing"),
+        question("3, 7, 12", "sort", "new operands", "multi-turn"),
+        question("5", "add", "new phrasing"),
     ]
     result = score(records, [" 12\n", "Tuesday.", "3, 7, 12", "50"])
     assert (result["n"], result["correct"], result["accuracy"]) == (4, 2, 0.5)  # whitespace aside, nothing else
@@ -22,6 +26,8 @@ def test_score_counts_exact_answers_by_split_and_task():
     assert result["by_split"]["new phrasing"] == {"n": 2, "correct": 0, "accuracy": 0.0}
     assert result["by_task"]["add"]["correct"] == 1 and result["by_task"]["day_after"]["correct"] == 0
     assert score(records[:1], ["12"])["by_task"] == {"add": {"n": 1, "correct": 1, "accuracy": 1.0}}
+    assert result["by_turns"] == {"multi-turn": {"n": 1, "correct": 1, "accuracy": 1.0},
+                                  "single-turn": {"n": 3, "correct": 1, "accuracy": 1 / 3}}
     assert pick_examples(records, 3) == [0, 1, 2]  # one task after another: add, day_after, sort
 
 

@@ -84,13 +84,15 @@ def load_split_shards(out_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray
 
 
 def split_examples(tokens: np.ndarray, mask: np.ndarray) -> list[tuple[list[int], list[int]]]:
-    """(masked-out tokens, masked-in tokens) of every example, cutting after each EOT whose mask is 1."""
-    assert set(np.unique(mask).tolist()) <= {0, 1}
-    ends = np.flatnonzero((tokens == EOT) & (mask == 1)) + 1
-    assert len(tokens) == 0 or ends[-1] == len(tokens), "the split does not end with a masked-in EOT"
+    """(masked-out tokens, masked-in tokens) of every single-turn example, cutting after each mask 2
+    (the closing EOT of an example)."""
+    assert set(np.unique(mask).tolist()) <= {0, 1, 2}
+    ends = np.flatnonzero(mask == 2) + 1
+    assert np.all(tokens[ends - 1] == EOT), "an example ends with something else than EOT"
+    assert len(tokens) == 0 or ends[-1] == len(tokens), "the split does not end with an example's end"
     examples, start = [], 0
     for end in ends:
-        t, m = tokens[start:end].tolist(), mask[start:end].tolist()
+        t, m = tokens[start:end].tolist(), [min(v, 1) for v in mask[start:end].tolist()]
         n_prompt = m.index(1)
         assert m == [0] * n_prompt + [1] * (len(m) - n_prompt), "mask is not prompt zeros then response ones"
         examples.append((t[:n_prompt], t[n_prompt:]))
@@ -165,7 +167,7 @@ def test_manifest_counts_and_split_sizes(prepared):
     for split in ("train", "val"):
         tokens, mask = load_split_shards(prepared["out"], split)
         assert counts[split]["tokens"] == len(tokens)
-        assert counts[split]["response_tokens"] == int(mask.sum())
+        assert counts[split]["response_tokens"] == int((mask > 0).sum())
         assert counts[split]["truncated"] == counts[split]["dropped"] == 0
         assert len(split_examples(tokens, mask)) == counts[split]["examples"]
 
@@ -422,7 +424,8 @@ def test_cli_cuts_and_drops_by_max_len_and_counts_both(tmp_path, capsys):
     assert counts["train"]["truncated"] + counts["val"]["truncated"] == 1
     assert counts["train"]["dropped"] + counts["val"]["dropped"] == 1
     assert counts["train"]["examples"] + counts["val"]["examples"] == 7
-    assert "with context cut to fit --max_len 64" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "to fit --max_len 64: 0 earlier turns left out" in printed and "with context cut" in printed
     examples = []
     for split in ("train", "val"):
         for prompt_tokens, response_tokens in split_examples(*load_split_shards(out, split)):
@@ -487,7 +490,7 @@ def test_small_shards_never_split_an_example(tmp_path):
     manifest = read_manifest(out)
     for entry in manifest["shards"]:
         tokens, mask = np.load(out / entry["file"]), np.load(out / entry["mask_file"])
-        assert tokens[-1] == EOT and mask[-1] == 1 and len(tokens) <= 60
+        assert tokens[-1] == EOT and mask[-1] == 2 and len(tokens) <= 60
         assert len(split_examples(tokens, mask)) == entry["examples"]
     examples = decoded_examples(out, "train") + decoded_examples(out, "val")
     assert sorted(examples) == sorted(expected_example(r) for r in records)

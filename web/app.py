@@ -26,15 +26,14 @@ from dataclasses import dataclass, replace
 from flask import Flask, Response, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
+from model.prompt import MAX_TOKEN_BYTES, fit_turns, history_budget, prompt_tokens
 from model.text_stream import TextStream
-from model.tokenizer import encode, get_tokenizer
+from model.tokenizer import get_tokenizer
 from web.chat_request import APIError, parse_body, parse_chat_request
 from web.registry import ModelRegistry
 from web.scheduler import KEEPALIVE, EngineError, Overloaded, Request
 
 log = logging.getLogger("gunicorn.error")  # under gunicorn: its error log; elsewhere warnings reach stderr
-
-MAX_TOKEN_BYTES = 128  # GPT-2's longest token: a prompt longer than context × this cannot fit
 
 
 @dataclass(frozen=True)
@@ -50,6 +49,9 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20  # larger than any prompt that fits a 1024-token context, JSON-escaped
     torch_threads: int = 0  # per engine thread; 0 = OMP_NUM_THREADS, else every core
     device: str = ""  # "" = cuda if present, else cpu
+    # a conversation longer than the context: False = 400 context_length_exceeded (OpenAI's answer);
+    # True = its oldest turns are left out until it fits with room for the answer, as in tuning
+    drop_old_turns: bool = False
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> ServerConfig:
@@ -61,6 +63,10 @@ class ServerConfig:
                 continue
             if name == "api_keys":
                 values[name] = tuple(k.strip() for k in raw.split(",") if k.strip())
+            elif isinstance(default, bool):
+                if raw.strip().lower() not in ("0", "1", "true", "false", "yes", "no", ""):
+                    raise ValueError(f"NANOGPT_{name.upper()}={raw!r}: expected 1 or 0")
+                values[name] = raw.strip().lower() in ("1", "true", "yes")
             else:
                 values[name] = type(default)(raw)
         return cls(**values)
@@ -169,11 +175,18 @@ def create_app(config: ServerConfig | None = None) -> Flask:
             raise APIError(500, f"Model {chat.model!r} could not be loaded from {info.checkpoint}: {e}") from None
 
         context = scheduler.context_length
-        if len(chat.prompt.encode()) > context * MAX_TOKEN_BYTES:  # cannot fit: spare the hub the encoding
+        if chat.turns[-1].text_bytes() > context * MAX_TOKEN_BYTES:  # cannot fit: spare the hub the encoding
             raise context_exceeded(context, f"more than {context}")
-        prompt = encode(chat.prompt)
+        # without drop_old_turns the whole conversation must fit, with room for one token
+        turns, dropped = fit_turns(chat.turns, history_budget(context, chat.max_tokens) if config.drop_old_turns else context - 1)
+        if dropped and not config.drop_old_turns:
+            raise context_exceeded(context, f"more than {context}")
+        prompt = prompt_tokens(turns)
         if len(prompt) >= context:
             raise context_exceeded(context, str(len(prompt)))
+        if dropped:
+            log.info("%s: left out the oldest %d of %d turns to fit the %d-token context", chat.model, dropped,
+                     len(chat.turns), context)
         room = context - len(prompt)  # a larger max_tokens is clamped: finish_reason "length" says so
         params = replace(chat.params, max_tokens=min(chat.max_tokens or room, room))
         try:
@@ -308,7 +321,7 @@ def context_exceeded(context: int, needed: str) -> APIError:
     return APIError(
         400,
         f"This model's maximum context length is {context} tokens, and your messages need {needed}: "
-        "shorten them (earlier turns are not dropped for you)",
+        "shorten them (earlier turns are left out for you only where the server sets NANOGPT_DROP_OLD_TURNS=1)",
         param="messages",
         code="context_length_exceeded",
     )

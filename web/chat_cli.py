@@ -8,10 +8,11 @@ Type a message and press Enter. /reset starts a new conversation, /quit (or Ctrl
 Ctrl-C stops the answer being written (what was written stays in the conversation); at the
 prompt it leaves.
 
-The conversation is rendered by model/prompt.py's render_messages, exactly as the server renders a
-chat request, and answered by model/engine.py's generate, as the server's engine would. When it
-outgrows the model's context, its oldest exchanges (a question and its answer) are left out, and
-stderr says which; the system prompt and the newest message always stay.
+The conversation is rendered by model/prompt.py, exactly as the server renders a chat request (and
+as tuning rendered conversations), and answered by model/engine.py's generate, as the server's
+engine would. When it outgrows the model's context, its oldest exchanges (a question and its
+answer) are left out as the server does with NANOGPT_DROP_OLD_TURNS=1 (model/prompt.py's fit_turns,
+with room for the answer), and stderr says which; the system prompt and the newest message stay.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ from model.compute import pick_device  # noqa: E402
 from model.engine import SamplingParams, generate  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.pretrained import load_pretrained  # noqa: E402
-from model.prompt import render_messages  # noqa: E402
-from model.tokenizer import encode  # noqa: E402
+from model.prompt import chat_turns, fit_turns, history_budget, prompt_tokens  # noqa: E402
 from web.chat_request import MAX_STOP_STRINGS  # noqa: E402
 
 PREVIEW_CHARS = 40  # how much of a left-out question the notice quotes
@@ -75,22 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def fit_history(messages: list[dict], context: int) -> tuple[list[int], int]:
-    """The prompt tokens of the conversation after dropping its oldest exchanges until the prompt
-    leaves room for at least one answer token, and how many messages were dropped.
-
-    An exchange is a user message and what follows it up to the next one, so no answer is kept
-    without its question. The system message and the last user message are always kept: the
-    prompt returned may still be too long, which the caller checks.
-    """
-    system = [m for m in messages[:1] if m["role"] == "system"]
-    turns = messages[len(system) :]
-    starts = [i for i, m in enumerate(turns) if m["role"] == "user"]
-    for start in starts:
-        prompt = encode(render_messages(system + turns[start:]))
-        if len(prompt) < context:
-            break
-    return prompt, start
+def fit_history(messages: list[dict], context: int, max_tokens: int) -> tuple[list[int], int]:
+    """The prompt tokens of the conversation after dropping its oldest exchanges (a user message and
+    its answer) as the server does, and how many exchanges were dropped. The system message and the
+    last user message are always kept: the prompt returned may still be too long, which the caller
+    checks."""
+    kept, dropped = fit_turns(chat_turns(messages), history_budget(context, max_tokens))
+    return prompt_tokens(kept), dropped
 
 
 def preview(text: str) -> str:
@@ -136,7 +127,7 @@ def chat(model: GPT, params: SamplingParams, system: str | None = None) -> None:
         if not command:
             continue
         messages.append({"role": "user", "content": line})
-        prompt, dropped = fit_history(messages, context)
+        prompt, dropped = fit_history(messages, context, params.max_tokens)
         if len(prompt) >= context:
             what = "your message with the system prompt" if start else "your message"
             print(f"error: {what} is {len(prompt)} tokens, the model's context {context}: send a shorter one",
@@ -144,11 +135,11 @@ def chat(model: GPT, params: SamplingParams, system: str | None = None) -> None:
             messages.pop()
             continue
         if dropped:
-            gone = messages[len(start) : len(start) + dropped]
-            questions = [preview(m["content"]) for m in gone if m["role"] == "user"]
+            users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+            questions = [preview(messages[i]["content"]) for i in users[:dropped]]
             print(f"(the conversation outgrew the {context}-token context: left out the oldest "
-                  f"{len(questions)} exchange(s), asking {', '.join(questions)})", file=sys.stderr)
-            messages = start + messages[len(start) + dropped :]
+                  f"{dropped} exchange(s), asking {', '.join(questions)})", file=sys.stderr)
+            messages = start + messages[users[dropped] :]
         room = context - len(prompt)  # the engine cannot write past the context
         text = answer(model, prompt, replace(params, max_tokens=min(params.max_tokens, room)))
         messages.append({"role": "assistant", "content": text})

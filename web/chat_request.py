@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 
 from model.engine import SamplingParams
-from model.prompt import render_messages
+from model.prompt import ChatError, Turn, chat_turns, check_awaiting
 
 MAX_STOP_STRINGS = 4
 
@@ -46,7 +46,7 @@ class ChatRequest:
     """A validated request. max_tokens is None when not given: the rest of the context."""
 
     model: str
-    prompt: str  # the messages rendered with the prompt template (model/prompt.py)
+    turns: list[Turn]  # the messages as model/prompt.py renders them; the last awaits its reply
     params: SamplingParams
     max_tokens: int | None
     stream: bool
@@ -73,13 +73,11 @@ def parse_chat_request(body: dict) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("'messages' must be a non-empty array of message objects", "messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise invalid(f"messages[{i}] must be an object with 'role' and 'content'", "messages")
     try:
-        prompt = render_messages(messages)
-    except ValueError as e:
-        raise invalid(str(e), "messages") from None
+        turns = chat_turns(messages)
+        check_awaiting(turns)
+    except ChatError as e:
+        raise invalid(str(e), e.param) from None
 
     max_tokens = _integer(body, "max_tokens", 1)
     if body.get("max_completion_tokens") is not None:  # the newer name wins (newer SDKs send only it)
@@ -101,7 +99,7 @@ def parse_chat_request(body: dict) -> ChatRequest:
         seed=_seed(body),
         stop=_stop(body),
     )
-    return ChatRequest(model, prompt, params, max_tokens, stream, include_usage)
+    return ChatRequest(model, turns, params, max_tokens, stream, include_usage)
 
 
 def _refuse_unsupported(body: dict) -> None:

@@ -34,7 +34,8 @@ AVX2_CAP := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
 CPU_KERNEL_TESTS := tests/test_cpu_linear.py tests/test_gpt.py tests/test_lm_loss.py tests/test_engine.py \
 	tests/test_export_hf.py tests/test_train.py::test_bf16_autocast_trains_on_cpu \
 	tests/test_train.py::test_sigterm_then_resume_is_bitwise_exact \
-	tests/test_finetune.py::test_sigterm_then_resume_auto_is_bitwise_exact
+	tests/test_finetune.py::test_sigterm_then_resume_auto_is_bitwise_exact \
+	tests/test_conversations.py::test_one_sequence_trains_each_reply_exactly_as_one_example_per_reply_would
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests

@@ -50,17 +50,24 @@ ITEMS = ["apple", "pear", "plum", "cup", "spoon", "lamp", "book", "pen"]
 FILES = ("pretrain.jsonl", "instructions.jsonl", "heldout.jsonl", "conversations.jsonl", "heldout_chat.jsonl")
 LISTS_PER_TASK = 150  # lists a counting or sorting task asks about in fine-tuning
 
-# A conversation's follow-up question, which only the turn before it makes answerable: "And 2 or 6?"
-# asks for the larger after "Which is larger, 3 or 8?" and for the smaller after "Which is smaller...".
+# A conversation's follow-up question, elliptic as people ask them: "And 2 or 6?" asks for the larger
+# after "Which is larger, 3 or 8?" and for the smaller after "Which is smaller...", "And March?" for its
+# days. No follow-up shares a frame with another task's: "And 2 and 6?" for sums turned held-out sums
+# ("What is the sum of 2 and 4?") into comparisons, and "And March?" for month numbers too took month
+# numbers down to 1/24 in one run.
 FOLLOW_UPS = {
-    "add": "And {a} and {b}?",
+    "add": "And {a} plus {b}?",
     "larger": "And {a} or {b}?", "smaller": "And {a} or {b}?",
     "day_after": "And after {day}?", "day_before": "And before {day}?",
     "month_after": "And after {month}?", "month_before": "And before {month}?",
-    "month_days": "And {month}?", "month_number": "And {month}?",
+    "month_days": "And {month}?", "month_number": "And the number of {month}?",
 }
 REVERSE = "Now the other way round."  # after a sorted list: the same numbers from largest to smallest
 CHATS_PER_TASK = 60  # tuning conversations per follow-up task (and one per sorted list)
+# but sums get more and comparisons fewer: comparisons already fill a quarter of the single-turn records
+# (72 facts each, 8 phrasings) and sums few (25 facts); with 60 each, held-out sums asked "What is the
+# sum of 2 and 4?" were answered as comparisons ("2"), 0/20 in one run
+CHATS_FOR = {"add": 120, "larger": 30, "smaller": 30}
 HELDOUT_CHATS_PER_TASK = 10
 
 
@@ -258,7 +265,7 @@ def conversations(task: Task, known: list[Fact], new: list[Fact], rng: random.Ra
     reserved = rng.sample(known, max(1, len(known) // 6))
     follow = [f for f in known if f not in reserved]
     tuned = [_chat(task, rng.choice(known), rng.sample(follow, 1 + (rng.random() < 1 / 3)), rng)
-             for _ in range(CHATS_PER_TASK)]
+             for _ in range(CHATS_FOR.get(task.name, CHATS_PER_TASK))]
     unseen = reserved + new
     heldout = [_chat(task, rng.choice(known), [unseen[i % len(unseen)]], rng, split="follow-up")
                for i in range(HELDOUT_CHATS_PER_TASK)]

@@ -16,6 +16,7 @@ side by side, one per task where tasks are given.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections import defaultdict
@@ -106,11 +107,14 @@ def format_score(name: str, result: dict) -> str:
 
 
 def pick_examples(questions: list[Question], n: int) -> list[int]:
-    """Indices of n questions to show, taking tasks in turn so the examples differ in kind."""
-    by_task: dict[str, list[int]] = defaultdict(list)
+    """Indices of n questions to show, taking tasks in turn, single- and multi-turn alternately, so the
+    examples differ in kind."""
+    by_kind: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, q in enumerate(questions):
-        by_task[q.labels.get("task", "")].append(i)
-    queues = list(by_task.values())
+        by_kind[q.labels["turns"], q.labels.get("task", "")].append(i)
+    single = [queue for (turns, _), queue in by_kind.items() if turns == "single-turn"]
+    multi = [queue for (turns, _), queue in by_kind.items() if turns == "multi-turn"]
+    queues = [q for pair in itertools.zip_longest(single, multi) for q in pair if q is not None]
     picked: list[int] = []
     while len(picked) < min(n, len(questions)):
         for queue in queues:

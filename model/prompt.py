@@ -136,7 +136,9 @@ def chat_turns(messages: list, *, weights: bool = False, field: str = "messages"
 
     def close() -> None:
         turns.append(Turn("\n\n".join(users), tuple(context), "\n\n".join(reply) if reply else None, weight))
-        context.clear(), users.clear(), reply.clear()
+        context.clear()
+        users.clear()
+        reply.clear()
 
     for i, m in enumerate(messages):
         if not isinstance(m, dict):

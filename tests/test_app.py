@@ -17,7 +17,6 @@ from model.checkpoint import checkpoint_path, load_checkpoint, model_from_checkp
 from model.engine import Engine, SamplingParams, generate
 from model.gpt import GPTConfig
 from model.prompt import chat_turns, prompt_tokens
-from model.tokenizer import encode
 from conftest import REPO_ROOT
 from serving import write_model
 from web.app import ServerConfig, create_app

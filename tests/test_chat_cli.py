@@ -18,7 +18,7 @@ from model.checkpoint import load_checkpoint, model_from_checkpoint, resolve_che
 from model.engine import SamplingParams, generate
 from model.gpt import GPTConfig
 from model.prompt import chat_turns, prompt_tokens
-from model.tokenizer import decode, encode
+from model.tokenizer import decode
 from serving import ECHO_PROMPT, ECHO_REPLY, write_echo_model, write_model
 from web import chat_cli
 

@@ -28,7 +28,8 @@ def test_score_counts_exact_answers_by_split_and_task():
     assert score(records[:1], ["12"])["by_task"] == {"add": {"n": 1, "correct": 1, "accuracy": 1.0}}
     assert result["by_turns"] == {"multi-turn": {"n": 1, "correct": 1, "accuracy": 1.0},
                                   "single-turn": {"n": 3, "correct": 1, "accuracy": 1 / 3}}
-    assert pick_examples(records, 3) == [0, 1, 2]  # one task after another: add, day_after, sort
+    # one task after another, single- and multi-turn alternately: add, sort (multi-turn), day_after
+    assert pick_examples(records, 3) == [0, 2, 1]
 
 
 @pytest.fixture(scope="module")

@@ -84,6 +84,20 @@ def fit_history(messages: list[dict], context: int, max_tokens: int) -> tuple[li
     return prompt_tokens(kept), dropped
 
 
+def exchange_starts(messages: list[dict]) -> list[int]:
+    """Index of the user message that opens each exchange: the first, then each after an answer (a user
+    message after a blank answer continues the exchange, as model/prompt.py's chat_turns has it)."""
+    starts, answered = [], True
+    for i, m in enumerate(messages):
+        if m["role"] == "user":
+            if answered:
+                starts.append(i)
+            answered = False
+        elif m["role"] == "assistant" and m["content"].strip():
+            answered = True
+    return starts
+
+
 def preview(text: str) -> str:
     """A message quoted on one line, cut to PREVIEW_CHARS."""
     text = " ".join(text.split())
@@ -135,7 +149,7 @@ def chat(model: GPT, params: SamplingParams, system: str | None = None) -> None:
             messages.pop()
             continue
         if dropped:
-            users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+            users = exchange_starts(messages)
             questions = [preview(messages[i]["content"]) for i in users[:dropped]]
             print(f"(the conversation outgrew the {context}-token context: left out the oldest "
                   f"{dropped} exchange(s), asking {', '.join(questions)})", file=sys.stderr)

@@ -42,7 +42,9 @@ def per_reply(turns: list[Turn], max_len: int) -> list[tuple[list[int], list[int
         if turn.reply is None or not turn.weight:
             continue
         kept, _ = fit_turns(turns[: j + 1], max_len)
-        examples.append(render_turns([replace(t, weight=int(k == len(kept) - 1)) for k, t in enumerate(kept)]))
+        tokens, mask = render_turns([replace(t, weight=int(k == len(kept) - 1)) for k, t in enumerate(kept)])
+        if len(tokens) <= max_len:  # a reply too long even alone: data prep cuts its context or drops it
+            examples.append((tokens, mask))
     return examples
 
 
@@ -95,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         chats = build(1337, 10, 0.15, 20)["conversations.jsonl"]
         conversations = [turns for _, _, turns in read_rows((f"chat {i}", c) for i, c in enumerate(chats))]
+    # only conversations whose every reply fits as it is: those data prep shortens have no one-per-reply twin
+    def shortened(turns: list[Turn]) -> bool:
+        counts = encode_conversation(turns, args.max_len)[1]
+        return bool(counts["truncated"] or counts["dropped"])
+
+    conversations = [t for t in conversations if not shortened(t)]
     packed = [e for turns in conversations for e in encode_conversation(turns, args.max_len)[0]]
     alone = [e for turns in conversations for e in per_reply(turns, args.max_len)]
     replies = len(alone)  # one example per trained reply

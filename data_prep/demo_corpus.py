@@ -21,11 +21,12 @@ short list holds, and three digits in increasing order. It is written two ways:
 - conversations.jsonl: two- and three-turn chats in OpenAI's {"messages": [...]} form whose later
   questions need an earlier turn: "Which is larger, 3 or 8?" "8" "And 2 or 6?" "6" (FOLLOW_UPS), and
   "Sort 9, 2, 5." "2, 5, 9" "Now the other way round." "9, 5, 2".
-- heldout_chat.jsonl: such chats whose last question asks about a fact (or list) that fine-tuning
-  never asked about, split "follow-up"; their last reply is the expected answer.
+- heldout_chat.jsonl: such chats whose last question follows up on a fact that no tuning chat
+  follows up on (a sixth of the known facts, kept for it, and the new ones) or on a list tuning never
+  saw, split "follow-up"; their last reply is the expected answer.
 
 Everything follows from --seed: the same command writes the same bytes. eval/exact_match.py
-scores a checkpoint on heldout.jsonl.
+scores a checkpoint on heldout.jsonl and heldout_chat.jsonl.
 """
 
 from __future__ import annotations

@@ -133,7 +133,7 @@ def check_sharegpt(obj: object) -> list[Turn]:
     for i, c in enumerate(conversation):
         if not isinstance(c, dict):
             raise ValueError(f"conversations[{i}] must be an object with \"from\" and \"value\"")
-        if c.get("from") not in SHAREGPT_ROLES:
+        if not isinstance(c.get("from"), str) or c["from"] not in SHAREGPT_ROLES:
             raise ValueError(f"conversations[{i}].from is {c.get('from')!r}: expected one of system, human, gpt")
         if not isinstance(c.get("value"), str):
             raise ValueError(f"conversations[{i}].value is {type(c.get('value')).__name__}, not a string")
@@ -280,8 +280,9 @@ def encode_record(record: Record, max_len: int) -> tuple[list[int], list[int], s
 
 def encode_conversation(turns: list[Turn], max_len: int) -> tuple[list[tuple[list[int], list[int]]], Counter]:
     """(tokens, mask) of each example one conversation becomes, and counts: "replies" trained, "truncated"
-    (context cut), "dropped" (replies too long even alone), "turns_left_out" (earlier turns dropped
-    to fit). The policy is the module docstring's; each example's mask ends with MASK_END."""
+    (context cut), "dropped" (replies too long even alone), "turns_left_out" (earlier turns left out
+    of a trained reply's history to fit, summed over its replies). The policy is the module
+    docstring's; each example's mask ends with MASK_END."""
     counts: Counter = Counter()
     examples: list[tuple[list[int], list[int]]] = []
 
@@ -438,7 +439,7 @@ def prepare(sources: list[Rows], args: argparse.Namespace, *, producer: str, sou
         c = manifest["counts"][split]
         print(f"{split}: {c['conversations']} conversations -> {c['examples']} examples training {c['replies']} replies, "
               f"{c['tokens']:,} tokens ({c['response_tokens']:,} trained); to fit --max_len {args.max_len}: "
-              f"{c['turns_left_out']} earlier turns left out, {c['truncated']} with context cut, "
+              f"{c['turns_left_out']} earlier turns left out of replies' histories, {c['truncated']} with context cut, "
               f"{c['dropped']} replies dropped as too long")
     print(f"wrote {len(manifest['shards'])} token shard(s) with masks and {Path(args.out_dir) / 'manifest.json'}")
     return manifest

@@ -118,12 +118,13 @@ class Turn:
 def chat_turns(messages: list, *, weights: bool = False, field: str = "messages") -> list[Turn]:
     """The turns of an OpenAI-style list of messages, mapped as the module docstring says.
 
-    With weights (fine-tuning data), an assistant message's "weight" (0 or 1, default 1) is read;
-    the server leaves it alone. "name" and other keys are ignored. Raises ChatError naming the
-    message and field at fault: not an object, unknown role, a user/system/tool message without
-    text content, non-text content, a bad weight, an assistant message before any user message,
-    or no user message at all; field is the list's name in those messages. The last turn's reply is
-    None when the messages end before one.
+    With weights (fine-tuning data), an assistant message's "weight" (0 or 1; missing or null: 1) is
+    read; the server leaves it alone. "name" and other keys are ignored. Raises ChatError naming the
+    message and field at fault: not an object, unknown role, a user/system/tool message whose content
+    is missing or null, non-text content, a bad weight, an empty reply to train on, an assistant
+    message before any user message, a system or tool message after the last reply (served
+    messages; tuning data just leaves it out), or no user message at all; field is the list's name in
+    those messages. The last turn's reply is None when the messages end before one.
 
     >>> chat_turns([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
     [Turn(instruction='Hi', context=(('system', 'Be brief.'),), reply=None, weight=1)]
@@ -132,7 +133,7 @@ def chat_turns(messages: list, *, weights: bool = False, field: str = "messages"
     context: list[tuple[str, str]] = []
     users: list[str] = []
     reply: list[str] = []
-    weight = 1
+    weight, trailing = 1, 0
 
     def close() -> None:
         turns.append(Turn("\n\n".join(users), tuple(context), "\n\n".join(reply) if reply else None, weight))
@@ -153,14 +154,15 @@ def chat_turns(messages: list, *, weights: bool = False, field: str = "messages"
         except ValueError as e:
             raise ChatError(f"{field}[{i}].content: {e}", f"{field}[{i}].content") from None
         if role == "assistant":
-            w = m.get("weight", 1) if weights else 1
+            w = m.get("weight") if weights else None
+            w = 1 if w is None else w  # datasets fills a key missing from some rows with None
             if isinstance(w, bool) or w not in (0, 1):
                 raise ChatError(f"{field}[{i}].weight is {w!r}: it must be 0 (not trained on) or 1", f"{field}[{i}].weight")
             if not text.strip():
-                if weights and w:
+                if weights and w and not m.get("tool_calls"):
                     raise ChatError(f"{field}[{i}] is an empty reply: give it text to train on, or weight 0",
                                     f"{field}[{i}].content")
-                continue
+                continue  # a turn that only called a tool: nothing to show or train
             if not users:
                 raise ChatError(f"{field}[{i}] is an assistant message with no user message before it: each reply "
                                 "answers a user message (a conversation starts with one, after any system messages)",
@@ -171,27 +173,39 @@ def chat_turns(messages: list, *, weights: bool = False, field: str = "messages"
             reply.append(text)
             weight = w
             continue
-        if reply:  # the open turn has its reply: this message starts the next one
-            close()
+        if reply and role != "tool":  # the open turn has its reply: this message starts the next one
+            close()  # (a tool's output belongs to the reply that called it)
         if role == "user":
             users.append(text)
         elif text.strip():
             context.append((role, text))
-    if not users:
+            trailing = i
+    if users:
+        close()
+    elif not turns:
         raise ChatError(f"{field} need at least one message with role 'user'", field)
-    close()
+    elif context and not weights:  # tuning data: nothing after the last reply is trained, so it is left out
+        raise ChatError(f"{field}[{trailing}] comes after the last reply: end with a user message for the model "
+                        "to answer", f"{field}[{trailing}]")
     return turns
 
 
-@functools.lru_cache(maxsize=256)
-def _encode(text: str) -> tuple[int, ...]:
-    # a conversation's turns are rendered again for every reply (tuning) or every request (serving)
+CACHED_TEXT_CHARS = 4096  # longer texts are encoded each time: the cache stays a few MB whatever comes in
+
+
+@functools.lru_cache(maxsize=1024)
+def _encode_cached(text: str) -> tuple[int, ...]:
     return tuple(encode(text))
+
+
+def _encode(text: str) -> list[int]:
+    # a conversation's turns are rendered again for every reply (tuning) or every request (serving)
+    return list(_encode_cached(text)) if len(text) <= CACHED_TEXT_CHARS else encode(text)
 
 
 def turn_tokens(turn: Turn) -> tuple[list[int], list[int]]:
     """(prompt tokens, reply tokens) of one turn; the reply's end with <|endoftext|>, [] for no reply."""
-    return list(_encode(turn.prompt())), [] if turn.reply is None else [*_encode(turn.reply), EOT]
+    return _encode(turn.prompt()), [] if turn.reply is None else [*_encode(turn.reply), EOT]
 
 
 def render_turns(turns: list[Turn]) -> tuple[list[int], list[int]]:
@@ -225,22 +239,27 @@ def fit_turns(turns: list[Turn], budget: int) -> tuple[list[Turn], int]:
     The oldest turns go first, whole (an instruction with its reply); the system and developer
     messages of a dropped turn move to the first kept one, so the system prompt stays. The last
     turn is always kept, so the result may still exceed the budget, which the caller checks.
-    Turns whose text alone is too long to fit (more than MAX_TOKEN_BYTES bytes a token) are
-    dropped without tokenizing them: a huge history costs no encoding.
+    Linear in the turns that are looked at: a turn whose text alone could not fit (more than
+    MAX_TOKEN_BYTES bytes a token) is never tokenized, so a huge history costs no encoding.
     """
 
     def with_carried(start: int) -> Turn:
         carried = tuple(c for t in turns[:start] for c in t.context if c[0] in SYSTEM_ROLES)
-        return replace(turns[start], context=carried + turns[start].context)
+        return replace(turns[start], context=carried + turns[start].context) if carried else turns[start]
 
-    start, rest_bytes = len(turns) - 1, turns[-1].text_bytes()
+    def length(turn: Turn) -> int:
+        return sum(map(len, turn_tokens(turn)))
+
+    # the oldest start that fits without the carried system messages, walking back from the newest turn
+    start, rest_bytes, rest = len(turns) - 1, turns[-1].text_bytes(), length(turns[-1])
     while start > 0 and rest_bytes + turns[start - 1].text_bytes() <= budget * MAX_TOKEN_BYTES:
-        start -= 1
-        rest_bytes += turns[start].text_bytes()
-    lengths = {i: sum(map(len, turn_tokens(turns[i]))) for i in range(start + 1, len(turns))}
-    while start < len(turns) - 1:
-        if sum(map(len, turn_tokens(with_carried(start)))) + sum(lengths[i] for i in range(start + 1, len(turns))) <= budget:
+        more = length(turns[start - 1])
+        if rest + more > budget:
             break
+        start, rest_bytes, rest = start - 1, rest_bytes + turns[start - 1].text_bytes(), rest + more
+    # carried system messages only add tokens: from there, drop more while the first kept turn overflows
+    while start < len(turns) - 1 and length(with_carried(start)) - length(turns[start]) + rest > budget:
+        rest -= length(turns[start])
         start += 1
     return [with_carried(start), *turns[start + 1 :]], start
 

@@ -15,6 +15,7 @@ import pytest
 from openai import OpenAI
 
 from conftest import REPO_ROOT
+from model.prompt import chat_turns, prompt_tokens
 from test_hellaswag import free_port
 
 # a shorter, narrower run than make demo's (which is measured in the README): minutes on 2 CPU cores
@@ -110,7 +111,8 @@ def test_demo_runs_every_stage_serves_the_tuned_model_and_reuses_its_work(tmp_pa
         # a chat longer than the tiny model's 128-token context goes on: the demo's server drops its oldest turns
         long_chat = [m for r in records[:10] for m in [*as_chat(r), {"role": "assistant", "content": expected(r)}]]
         reply = client.chat.completions.create(model="tuned", messages=long_chat + as_chat(records[10]), max_tokens=8)
-        assert reply.usage.prompt_tokens < 128
+        full = len(prompt_tokens(chat_turns(long_chat + as_chat(records[10]))))
+        assert full > 128 > reply.usage.prompt_tokens
     finally:
         assert demo.stop() == 0
 

@@ -187,9 +187,49 @@ def test_fit_turns_never_encodes_turns_that_cannot_fit_by_their_bytes(monkeypatc
     huge = Turn("x" * 1_000_000, (), "y")
     seen = []
     monkeypatch.setattr(model.prompt, "encode", lambda text: seen.append(len(text)) or encode(text))
-    model.prompt._encode.cache_clear()
+    model.prompt._encode_cached.cache_clear()
     kept, dropped = fit_turns([huge, turn(1), Turn("q", (), None)], 100)
     assert dropped == 1 and max(seen) < 1000
+
+
+def test_fit_turns_encodes_each_turn_once_whatever_the_length_of_the_chat(monkeypatch):
+    turns = [Turn(f"q{i}", (("system", "S"),) if i == 0 else (), f"a{i}") for i in range(3000)] + [Turn("last")]
+    calls = []
+    monkeypatch.setattr(model.prompt, "encode", lambda text: calls.append(text) or encode(text))
+    model.prompt._encode_cached.cache_clear()
+    kept, dropped = fit_turns(turns, 10**6)  # all of it fits
+    assert dropped == 0 and kept == turns and len(calls) <= 2 * len(turns)
+    calls.clear()
+    kept, dropped = fit_turns(turns, 40)  # only the newest few fit: the rest is never looked at
+    assert dropped > 2990 and len(calls) < 20 and kept[0].context == (("system", "S"),)
+
+
+def test_tool_output_belongs_to_the_reply_that_called_it():
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [{"id": "1"}]},
+        {"role": "tool", "content": "sunny"},
+        {"role": "assistant", "content": "Sunny."},
+        {"role": "user", "content": "Thanks"},
+    ]
+    assert chat_turns(messages) == [Turn("Weather in Paris?", (("tool", "sunny"),), "Let me check.\n\nSunny."),
+                                    Turn("Thanks")]
+    # in tuning data a tool call without text is skipped, not an empty reply
+    calling = [messages[0], {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}, messages[2], messages[3]]
+    assert chat_turns(calling, weights=True) == [Turn("Weather in Paris?", (("tool", "sunny"),), "Sunny.")]
+
+
+def test_a_system_message_after_the_last_reply():
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "system", "content": "s"}]
+    with pytest.raises(ChatError, match=r"messages\[2\] comes after the last reply") as e:
+        chat_turns(messages)
+    assert e.value.param == "messages[2]"
+    assert chat_turns(messages, weights=True) == [Turn("q", (), "a")]  # tuning data: nothing to train after it
+
+
+def test_a_null_weight_is_the_default():
+    messages = [{"role": "user", "content": "q", "weight": None}, {"role": "assistant", "content": "a", "weight": None}]
+    assert chat_turns(messages, weights=True) == [Turn("q", (), "a", 1)]
 
 
 def test_history_budget_leaves_room_for_the_answer_but_never_more_than_a_quarter():

@@ -65,7 +65,7 @@ class ServerConfig:
                 values[name] = tuple(k.strip() for k in raw.split(",") if k.strip())
             elif isinstance(default, bool):
                 if raw.strip().lower() not in ("0", "1", "true", "false", "yes", "no", ""):
-                    raise ValueError(f"NANOGPT_{name.upper()}={raw!r}: expected 1 or 0")
+                    raise ValueError(f"NANOGPT_{name.upper()}={raw!r}: expected 1 or 0 (or true, false, yes, no)")
                 values[name] = raw.strip().lower() in ("1", "true", "yes")
             else:
                 values[name] = type(default)(raw)
@@ -180,7 +180,7 @@ def create_app(config: ServerConfig | None = None) -> Flask:
         # without drop_old_turns the whole conversation must fit, with room for one token
         turns, dropped = fit_turns(chat.turns, history_budget(context, chat.max_tokens) if config.drop_old_turns else context - 1)
         if dropped and not config.drop_old_turns:
-            raise context_exceeded(context, f"more than {context}")
+            raise context_exceeded(context, f"at least {context}")
         prompt = prompt_tokens(turns)
         if len(prompt) >= context:
             raise context_exceeded(context, str(len(prompt)))

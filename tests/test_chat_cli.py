@@ -165,3 +165,11 @@ def test_bad_flags_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit:
         chat_cli.parse_args(argv)
     assert exit.value.code == 2 and "usage:" in capsys.readouterr().err
+
+
+def test_exchanges_start_where_chat_turns_starts_a_turn():
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": ""},
+                {"role": "user", "content": "b"}, {"role": "assistant", "content": "x"}, {"role": "user", "content": "c"}]
+    # a blank answer leaves the exchange open: "b" continues "a", as the rendering joins them into one turn
+    assert chat_cli.exchange_starts(messages) == [1, 5]
+    assert len(chat_turns(messages)) == 2

@@ -223,6 +223,21 @@ def test_long_conversations_drop_their_oldest_turns_as_the_server_does(max_len):
         assert counts["turns_left_out"] > 0 and len(examples) > 1 and counts["dropped"] == 0
 
 
+def test_a_reply_whose_own_turn_is_too_long_has_its_context_cut_or_is_dropped():
+    system = "Answer in one word. " * 20
+    turns = [Turn("Name a colour.", (("system", system),), "Blue."), Turn("Another?", (), "Red."),
+             Turn("word " * 80, (), "Far too long a question to fit.")]
+    examples, counts = encode_conversation(turns, 40)
+    # "Red." keeps no earlier turn, but the system prompt moves to it, so its context is cut too
+    assert (counts["truncated"], counts["dropped"], counts["replies"]) == (2, 1, 2)
+    texts = [get_tokenizer().decode(tokens) for tokens, _ in examples]
+    assert len(texts) == 2 and [t.endswith(reply + "<|endoftext|>") for t, reply in zip(texts, ("Blue.", "Red."))] == [True, True]
+    for text in texts:  # the start of the context, kept
+        assert "### Context:\nAnswer in one word." in text and system not in text
+    for tokens, mask in examples:
+        assert len(tokens) <= 40 and tokens[-1] == EOT and mask[-1] == MASK_END
+
+
 # ----------------------------------------------------------------------------- bad input
 
 GOOD = json.dumps(CONVERSATIONS[2])

@@ -30,9 +30,9 @@ import torch
 from data_prep.demo_corpus import build
 from data_prep.instruction_shards import collect_conversations, encode_conversation, jsonl_rows, read_rows
 from model.compute import describe_cpu
+from model.data import padded_batch
 from model.gpt import GPT, IGNORE_INDEX, GPTConfig
 from model.prompt import Turn, fit_turns, render_turns
-from model.tokenizer import EOT
 
 
 def per_reply(turns: list[Turn], max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -52,14 +52,7 @@ def batches(examples: list[tuple[list[int], list[int]]], batch_size: int):
     """(x, y) padded batches of the examples, longest first; y is IGNORE_INDEX off the trained tokens."""
     examples = sorted(examples, key=lambda e: -len(e[0]))
     for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        width = max(len(t) for t, _ in chunk) - 1
-        x = torch.full((len(chunk), width), EOT)
-        y = torch.full((len(chunk), width), IGNORE_INDEX)
-        for row, (tokens, mask) in enumerate(chunk):
-            x[row, : len(tokens) - 1] = torch.tensor(tokens[:-1])
-            y[row, : len(tokens) - 1] = torch.where(torch.tensor(mask[1:]) > 0, torch.tensor(tokens[1:]), IGNORE_INDEX)
-        yield x, y
+        yield padded_batch(examples[i : i + batch_size])  # as the tuning loader pads them
 
 
 def mean_loss(model: GPT, examples, batch_size: int) -> float:

@@ -194,18 +194,10 @@ class InstructionLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (x, y), each int64 (B, longest row) on the CPU."""
         rows = self._plan[self.batch][self.rank * self.B : (self.rank + 1) * self.B]
-        width = max(1, max((self.lengths[i] - 1 for i in rows if i >= 0), default=1))
-        x = np.full((self.B, width), EOT, dtype=np.int64)  # any token: padding is never a target
-        y = np.full((self.B, width), IGNORE_INDEX, dtype=np.int64)
-        for row, i in enumerate(rows):
-            if i < 0:
-                continue
-            s, n = self.starts[i], self.lengths[i]
-            x[row, : n - 1] = self.tokens[s : s + n - 1]
-            targets = self.tokens[s + 1 : s + n].astype(np.int64)  # int64 first: -100 does not fit a uint16
-            y[row, : n - 1] = np.where(self.mask[s + 1 : s + n] > 0, targets, IGNORE_INDEX)
+        spans = [(self.starts[i], self.starts[i] + self.lengths[i]) for i in rows if i >= 0]  # empty rows come last
+        batch = padded_batch([(self.tokens[s:e], self.mask[s:e]) for s, e in spans], self.B)
         self.load_state_dict({"epoch": self.epoch, "batch": self.batch + 1})  # at the epoch's end, the next
-        return torch.from_numpy(x), torch.from_numpy(y)
+        return batch
 
     def num_batches(self) -> int:
         """Micro-batches in one epoch."""
@@ -233,6 +225,22 @@ class InstructionLoader:
         self.epoch, self.batch = state["epoch"], state["batch"]
         if self.batch >= len(self._plan):
             self.load_state_dict({"epoch": self.epoch + 1, "batch": 0})
+
+
+def padded_batch(examples: list[tuple], rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y), each int64 (rows, longest example - 1) on the CPU, of whole examples given as (tokens, loss
+    mask) pairs (arrays or lists), one per row: x an example's tokens but the last, y its tokens but the
+    first where the mask is nonzero and IGNORE_INDEX elsewhere. Shorter examples are padded, and rows
+    past the examples (rows > len(examples)) are empty: padding is never a target."""
+    rows = len(examples) if rows is None else rows
+    width = max(1, max((len(tokens) - 1 for tokens, _ in examples), default=1))
+    x = np.full((rows, width), EOT, dtype=np.int64)  # any token: padding is never a target
+    y = np.full((rows, width), IGNORE_INDEX, dtype=np.int64)
+    for row, (tokens, mask) in enumerate(examples):
+        tokens = np.asarray(tokens, dtype=np.int64)  # int64 first: -100 does not fit a uint16
+        x[row, : len(tokens) - 1] = tokens[:-1]
+        y[row, : len(tokens) - 1] = np.where(np.asarray(mask[1:]) > 0, tokens[1:], IGNORE_INDEX)
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def load_instruction_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:

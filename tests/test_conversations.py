@@ -28,8 +28,8 @@ from conftest import REPO_ROOT
 from data_prep.instruction_shards import encode_conversation
 from eval.exact_match import main as exact_match_main
 from model.checkpoint import checkpoint_path, model_state, save_checkpoint
-from model.data import load_instruction_split
-from model.gpt import GPT, IGNORE_INDEX, GPTConfig
+from model.data import load_instruction_split, padded_batch
+from model.gpt import GPT, GPTConfig
 from model.prompt import Turn, chat_turns, fit_turns, prompt_tokens, render_turns
 from model.shards import MASK_END
 from model.tokenizer import EOT, encode, get_tokenizer
@@ -352,13 +352,7 @@ def write_follow_up_model(models_dir: Path, name: str) -> None:
     """A tiny model tuned (seconds) on FOLLOW_UPS as data prep encodes them, with the masked loss."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64))
-    rows = [encode_conversation(chat_turns(as_messages(c), weights=True), 64)[0][0] for c in FOLLOW_UPS]
-    width = max(len(t) for t, _ in rows) - 1
-    x = torch.full((len(rows), width), EOT)
-    y = torch.full((len(rows), width), IGNORE_INDEX)
-    for i, (tokens, mask) in enumerate(rows):
-        x[i, : len(tokens) - 1] = torch.tensor(tokens[:-1])
-        y[i, : len(tokens) - 1] = torch.where(torch.tensor(mask[1:]) > 0, torch.tensor(tokens[1:]), IGNORE_INDEX)
+    x, y = padded_batch([encode_conversation(chat_turns(as_messages(c), weights=True), 64)[0][0] for c in FOLLOW_UPS])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(400):  # 300 were enough on the dev VM: the rest is margin
         _, loss = model(x, y)

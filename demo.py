@@ -235,7 +235,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--n_head", type=int, default=4)
     g.add_argument("--n_embd", type=int, default=128)
     g.add_argument("--seq_len", type=int, default=128, help="context length, also the longest instruction example")
-    # chosen on a CPU capped to AVX2, in float32: 350 + 1600 steps and the rest took 528 s there, with
+    # chosen on a CPU capped to AVX2, in float32: 350 + 1600 steps and the rest took 539-549 s there, with
     # single-turn held-out exact match >= 80%; tuning steps count far more than pretraining ones (500 + 1000
     # gave 83% and 65%), and conversations made them 20% slower: 1700 took 621 s (README, "What make demo shows")
     g.add_argument("--pretrain_steps", type=int, default=350, help="pretraining steps of 8 x seq_len tokens")

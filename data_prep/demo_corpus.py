@@ -8,8 +8,8 @@ short list holds, and three digits in increasing order. It is written two ways:
 
 - pretrain.jsonl: prose documents ({"text": ...}) stating every fact many times, in varied
   sentences ("The sum of 2 and 5 is 7.", "Of 3 and 9, the larger is 9.") and as questions
-  followed by their answers, as a FAQ would ("Which day follows Friday? Saturday."), for
-  data_prep/fineweb.py --input. A model pretrained on it has read the facts and the questions
+  followed by their answers, as a FAQ would ("Which day follows Friday? Saturday.", also with a
+  follow-up: "Which is larger, 3 or 8? 8. And 2 or 6? 6."), for data_prep/fineweb.py --input. A model pretrained on it has read the facts and the questions
   but never the instruction template it will be asked in.
 - instructions.jsonl: {"instruction", "context", "response", "task"} records for
   data_prep/prepare_custom_dataset.py; counting and sorting put their list in the context.
@@ -69,7 +69,17 @@ CHATS_PER_TASK = 60  # tuning conversations per follow-up task (and one per sort
 # (72 facts each, 8 phrasings) and sums few (25 facts); with 60 each, held-out sums asked "What is the
 # sum of 2 and 4?" were answered as comparisons ("2"), 0/20 in one run
 CHATS_FOR = {"add": 120, "larger": 30, "smaller": 30}
+# The prose asks follow-ups too, as a FAQ would ("Which is larger, 3 or 8? 8. And 2 or 6? 6."), in this
+# share of a task's sentences: the pretrained model has read the elliptic question on every fact, as it
+# has read every single question, and tuning teaches it to answer one in the template. Without it the
+# tuned model learned follow-ups fact by fact: one on a fact no tuning chat followed up on got the
+# earlier answer again ("And 5 or 3?" -> "9"), 28/100 held out.
+DIALOG_SHARE = 0.25
 HELDOUT_CHATS_PER_TASK = 10
+# Sums are asked three times over in tuning: 21 known sums in 8 phrasings make 168 records against 488
+# for each comparison, whose frames ("Which of 2 and 4 is larger?") the held-out "What is the sum of 2
+# and 4?" resembles; asked once, it was answered with an operand ("2"), 0/20, in two runs.
+RECORD_REPEATS = {"add": 3}
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,14 @@ class Task:
                                         for q, c in self.asked + self.new_asked)
         text = fact.fill(rng.choice(forms))
         return text[:1].upper() + text[1:]  # a statement may open with a list item
+
+    def dialog(self, first: Fact, then: Fact, rng: random.Random) -> str:
+        """A question on `first` and its answer, then the task's follow-up on `then` and its answer, as
+        a FAQ would write a conversation: "Which is larger, 3 or 8? 8. And 2 or 6? 6." """
+        question, context = rng.choice(self.asked + self.new_asked)
+        opening = first.fill(f"{question} {context}. {{answer}}." if context else f"{question} {{answer}}.")
+        asked, answered = _follow_up(then)
+        return f"{opening} {asked['content']} {answered['content']}."
 
 
 def _fact(task: str, answer: object, **slots: object) -> Fact:
@@ -281,34 +299,42 @@ def build(seed: int, sentences_per_task: int, heldout_fraction: float, heldout_p
     asks up to heldout_per_task of the facts it never asked (new lists, for list tasks) in familiar
     phrasings, and as many facts in the task's held-out phrasings. The prose has sentences_per_task
     sentences of each task (the facts of a finite task in turn, fresh random lists for a list task),
-    shuffled into documents. Every task gets the same share because a tiny model learns a fact from
-    how often it reads it: a few hundred times is what it needs within the demo's minutes.
+    DIALOG_SHARE of them a question and a follow-up, shuffled into documents. Every task gets the same
+    share because a tiny model learns a fact from how often it reads it: a few hundred times is what it
+    needs within the demo's minutes.
+
+    Each task and each part (facts, prose, records, chats) draws from a random stream of its own, so
+    a change to one part leaves the others as they were (the prose's sentences in their order, though
+    where it is cut into documents follows the chats' shuffle).
     """
-    rng = random.Random(seed)
+    def stream(part: str, task: Task) -> random.Random:
+        return random.Random(f"{seed}/{part}/{task.name}")
+
     sentences: list[str] = []
     instructions: list[dict] = []
     heldout: list[dict] = []
     chats: list[dict] = []
     heldout_chats: list[dict] = []
     for task in TASKS:
+        rng = stream("facts", task)
         if task.facts:
             facts = list(task.facts)
             rng.shuffle(facts)
             n_new = max(1, round(heldout_fraction * len(facts)))
             new, known = facts[:n_new], facts[n_new:]
-            # every fact equally often: a task of 7 facts states each far more often than one of 72
-            sentences += [task.sentence(facts[i % len(facts)], rng) for i in range(sentences_per_task)]
         else:
             known = _distinct(task, rng, LISTS_PER_TASK, set())
             new = _distinct(task, rng, heldout_per_task, set(known))
-            sentences += [task.sentence(task.draw(rng), rng) for _ in range(sentences_per_task)]
-        instructions += [_record(f, t) for f in known for t in task.asked]
+        sentences += prose(task, sentences_per_task, stream("prose", task))
+        rng = stream("records", task)
+        instructions += [_record(f, t) for f in known for t in task.asked] * RECORD_REPEATS.get(task.name, 1)
         heldout += [_record(f, rng.choice(task.asked), split="new operands") for f in new[:heldout_per_task]]
         phrased = rng.sample(known + new, min(heldout_per_task, len(known) + len(new)))
         heldout += [_record(f, rng.choice(task.new_asked), split="new phrasing") for f in phrased]
-        tuned_chats, new_chats = conversations(task, known, new, rng)
+        tuned_chats, new_chats = conversations(task, known, new, stream("chats", task))
         chats += tuned_chats
         heldout_chats += new_chats
+    rng = random.Random(f"{seed}/order")
     rng.shuffle(sentences)
     rng.shuffle(instructions)
     rng.shuffle(chats)
@@ -320,6 +346,27 @@ def build(seed: int, sentences_per_task: int, heldout_fraction: float, heldout_p
         i += n
     return {"pretrain.jsonl": docs, "instructions.jsonl": instructions, "heldout.jsonl": heldout,
             "conversations.jsonl": chats, "heldout_chat.jsonl": heldout_chats}
+
+
+def prose(task: Task, n: int, rng: random.Random) -> list[str]:
+    """n sentences of a task: its facts in turn (a finite task: every fact equally often, since a task of
+    7 facts would otherwise state each far more often than one of 72) or fresh random lists; where the
+    task has a follow-up, DIALOG_SHARE of them a question and a follow-up on another fact (sort: the
+    same list the other way round)."""
+    def fact(i: int) -> Fact:
+        return task.facts[i % len(task.facts)] if task.facts else task.draw(rng)
+
+    order = list(range(n))
+    rng.shuffle(order)  # which sentences are dialogs
+    dialogs = set(order[: round(DIALOG_SHARE * n)]) if task.name in FOLLOW_UPS or task.name == "sort" else set()
+    sentences = []
+    for i in range(n):
+        first = fact(i)
+        if i in dialogs:
+            sentences.append(task.dialog(first, first if task.name == "sort" else rng.choice([f for f in task.facts if f != first]), rng))
+        else:
+            sentences.append(task.sentence(first, rng))
+    return sentences
 
 
 def write_corpus(out_dir: str | Path, seed: int = 1337, sentences_per_task: int = 6000, heldout_fraction: float = 0.15,

@@ -126,6 +126,32 @@ def test_the_prose_states_every_held_out_fact(corpus):
     assert not any("###" in doc["text"] for doc in corpus["pretrain.jsonl"])
 
 
+def test_the_prose_asks_every_held_out_follow_up_with_its_answer():
+    corpus = build(seed=1337, sentences_per_task=6000, heldout_fraction=0.15, heldout_per_task=20)  # the demo's
+    prose = " ".join(doc["text"] for doc in corpus["pretrain.jsonl"])
+    for chat in corpus["heldout_chat.jsonl"]:
+        if chat["task"] == "sort":
+            continue  # a held-out list is new to the prose; it reverses other lists
+        asked, answered = chat["messages"][-2:]
+        assert f"{asked['content']} {answered['content']}." in prose, chat
+    assert prose.count(REVERSE) > 0
+
+
+def test_each_part_draws_its_own_randomness(monkeypatch):
+    """More tuning chats change the chats (tuning and held-out), and nothing else: not the prose's
+    sentences, the records or the held-out questions (only where the prose is cut into documents)."""
+    import data_prep.demo_corpus as demo_corpus
+
+    before = build(seed=5, sentences_per_task=100, heldout_fraction=0.15, heldout_per_task=20)
+    monkeypatch.setattr(demo_corpus, "CHATS_PER_TASK", demo_corpus.CHATS_PER_TASK + 5)
+    after = build(seed=5, sentences_per_task=100, heldout_fraction=0.15, heldout_per_task=20)
+    assert len(after["conversations.jsonl"]) > len(before["conversations.jsonl"])
+    for name in ("instructions.jsonl", "heldout.jsonl"):
+        assert after[name] == before[name], name
+    prose = [" ".join(doc["text"] for doc in corpus["pretrain.jsonl"]) for corpus in (before, after)]
+    assert prose[0] == prose[1]
+
+
 def test_same_seed_same_bytes_and_a_rerun_rewrites_nothing(tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     write_corpus(a, seed=1, sentences_per_task=100)

@@ -9,6 +9,9 @@ worker imports the app, and loads its models, after the fork.
 """
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 # gevent workers: thousands of idle or streaming connections per worker; the model runs in a
 # native thread of its own (web/scheduler.py), never on the gevent hub
@@ -25,6 +28,8 @@ graceful_timeout = 30
 keepalive = 5  # clients such as LobeChat's server reuse connections between requests
 accesslog = "-"
 errorlog = "-"
+# one JSON line per request, with a completion's tokens and timings (web/access_log.py)
+logger_class = "web.access_log.AccessLogger"
 loglevel = os.environ.get("NANOGPT_LOG_LEVEL", "info")
 
 # torch threads per worker, shared out between workers; set here so workers inherit it before they
@@ -48,3 +53,28 @@ def pre_fork(server, worker):
 def post_fork(server, worker):
     """In the new worker, before it imports the app: tell web/app.py its slot."""
     os.environ["NANOGPT_WORKER_SLOT"] = str(worker.nanogpt_slot)
+
+
+# /metrics adds up every worker's figures through files in this directory (web/metrics.py). Set here,
+# before any worker imports prometheus_client, which reads it at import; an operator's own is kept.
+OWN_METRICS_DIR = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if OWN_METRICS_DIR:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="nanogpt-metrics-")
+
+
+def on_starting(server):
+    """Start from zero: files an earlier server left in an operator's directory would be counted again."""
+    for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+        stale.unlink()
+
+
+def child_exit(server, worker):
+    """A dead worker's running and waiting requests stop counting; its counters and histograms stay."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if OWN_METRICS_DIR:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

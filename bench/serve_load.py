@@ -9,6 +9,11 @@ more than 1.
 
     python bench/serve_load.py                     # ~2 minutes on a 2-core CPU
     python bench/serve_load.py --clients 1,8 --max_tokens 64
+    python bench/serve_load.py --compare_metrics --clients 8    # what /metrics costs: on against off
+
+--compare_metrics starts two servers, one with metrics (the default) and one with NANOGPT_METRICS=0,
+and runs the same load on each in turn, --rounds times, alternating; it prints the median aggregate
+tokens/s of each and their ratio.
 
 The weights are random (no download); their <|endoftext|> embedding is zeroed so that greedy
 decoding never ends a stream early and every stream generates exactly --max_tokens tokens.
@@ -25,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -112,9 +118,14 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,8,16", help="comma-separated numbers of concurrent streams")
     parser.add_argument("--max_tokens", type=int, default=128, help="tokens per stream")
     parser.add_argument("--max_rows", type=int, default=16, help="the server's NANOGPT_MAX_ROWS")
+    parser.add_argument("--compare_metrics", action="store_true", help="aggregate tokens/s with metrics on / off")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs per setting with --compare_metrics")
     args = parser.parse_args()
     print(describe_cpu(), flush=True)  # figures from different CPUs and ISAs are not comparable
     counts = [int(c) for c in args.clients.split(",")]
+    if args.compare_metrics:
+        compare_metrics(counts, args)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
@@ -139,6 +150,31 @@ def main() -> None:
         for r in rows:
             if r["n"] > 1:
                 print(f"aggregate at {r['n']} streams / 1 stream: {r['aggregate'] / single:.2f}x")
+
+
+def compare_metrics(counts: list[int], args: argparse.Namespace) -> None:
+    """The same loads against a server with metrics and one without, alternating, side by side."""
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        models = Path(tmp) / "models"
+        write_model(models, "gpt2-124m-random", GPTConfig())
+        hosts = {}
+        for setting in ("on", "off"):
+            env = {"NANOGPT_MAX_ROWS": str(args.max_rows), "OMP_NUM_THREADS": str(os.cpu_count() or 1),
+                   "NANOGPT_METRICS": "1" if setting == "on" else "0"}
+            server = stack.enter_context(gunicorn_server(models, Path(tmp) / f"gunicorn-{setting}.log", env))
+            hosts[setting] = server.url.removeprefix("http://")
+            run_load(hosts[setting], 1, 8)  # load the model and warm up before measuring
+        print(f"GPT-2 124M shape, fp32, one gevent worker per server, {args.max_tokens} tokens per stream, greedy; "
+              f"median of {args.rounds} alternating runs")
+        print("| streams | aggregate tok/s, metrics on | metrics off | on / off |")
+        print("|---|---|---|---|")
+        for n in counts:
+            runs = {"on": [], "off": []}
+            for _ in range(args.rounds):
+                for setting, host in hosts.items():
+                    runs[setting].append(run_load(host, n, args.max_tokens)["aggregate"])
+            on, off = statistics.median(runs["on"]), statistics.median(runs["off"])
+            print(f"| {n} | {on:.1f} | {off:.1f} | {on / off:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO_ROOT
 from model.checkpoint import checkpoint_path, model_state, save_checkpoint
@@ -22,6 +23,7 @@ from model.gpt import GPT, GPTConfig
 from model.prompt import chat_turns, prompt_tokens
 from model.tokenizer import EOT, encode
 from test_hellaswag import free_port
+from web.metrics import FINISH_REASONS
 
 ECHO_PROMPT = "日本語で話して🙂"
 ECHO_REPLY = "日本語のテキスト🙂 and ü, done."  # multi-byte characters split across byte-level tokens
@@ -61,11 +63,28 @@ def write_nan_model(models_dir: Path, name: str) -> None:
     save_checkpoint(model_state(model) | {"step": 1}, checkpoint_path(models_dir / name, 1))
 
 
+def figures(metrics_text: str, model: str) -> dict:
+    """What a /metrics text says of one model: requests running and waiting now, requests finished by
+    reason (cancelled: the client left), rejected (503), tokens generated, and decode steps that ran
+    more than one request."""
+    samples = [s for family in text_string_to_metric_families(metrics_text) for s in family.samples
+               if s.labels.get("model") == model]
+
+    def total(name: str, **labels: str) -> float:
+        return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    return {"running": total("nanogpt_requests_running"), "waiting": total("nanogpt_requests_waiting"),
+            "finished": {r: total("nanogpt_requests_finished_total", finish_reason=r) for r in FINISH_REASONS},
+            "rejected": total("nanogpt_requests_rejected_total"), "tokens": total("nanogpt_completion_tokens_total"),
+            "batched_steps": total("nanogpt_decode_batch_rows_count") - total("nanogpt_decode_batch_rows_bucket", le="1.0")}
+
+
 @dataclass
 class Server:
     url: str  # http://127.0.0.1:PORT
     log: Path
     proc: subprocess.Popen
+    key: str | None = None  # the first of NANOGPT_API_KEYS, if set
 
     def get(self, path: str, timeout: float = 10) -> tuple[int, dict]:
         try:
@@ -74,8 +93,15 @@ class Server:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
-    def health(self, model: str) -> dict:
-        return self.get("/health")[1]["models"].get(model, {})
+    def metrics_text(self) -> str:
+        """GET /metrics, with the key when the server has keys."""
+        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        with urllib.request.urlopen(urllib.request.Request(self.url + "/metrics", headers=headers), timeout=10) as r:
+            return r.read().decode()
+
+    def figures(self, model: str) -> dict:
+        """figures() of /metrics: over every worker."""
+        return figures(self.metrics_text(), model)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -90,7 +116,8 @@ def gunicorn_server(models_dir: Path, log: Path, env: dict | None = None, args: 
     cmd += ["--no-control-socket", *args, "web.app:app"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", log, proc)
+    keys = [k.strip() for k in full_env.get("NANOGPT_API_KEYS", "").split(",") if k.strip()]
+    server = Server(f"http://127.0.0.1:{port}", log, proc, keys[0] if keys else None)
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -11,6 +11,7 @@ from dataclasses import asdict
 import gevent
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 import web.registry
 from model.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
@@ -18,7 +19,7 @@ from model.engine import Engine, SamplingParams, generate
 from model.gpt import GPTConfig
 from model.prompt import chat_turns, prompt_tokens
 from conftest import REPO_ROOT
-from serving import write_model
+from serving import figures, write_model
 from web.app import ServerConfig, create_app
 
 SMALL = GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32)
@@ -56,8 +57,10 @@ def test_a_new_checkpoint_is_served_on_the_next_request(tmp_path):
     model = model_from_checkpoint(load_checkpoint(checkpoint_path(tmp_path / "run", 2))).eval()
     expected = "".join(generate(model, prompt_tokens(chat_turns(HI)), SamplingParams(temperature=0, max_tokens=12)))
     assert second["choices"][0]["message"]["content"] == expected != first["choices"][0]["message"]["content"]
-    health = client.get("/health").get_json()["models"]
-    assert health["run"]["checkpoint"].endswith("step_000002.pt")
+    assert client.get("/health").get_json() == {"status": "ok", "models": {"run": {"state": "ready"}}}
+    loads = [s for f in text_string_to_metric_families(client.get("/metrics").get_data(as_text=True))
+             for s in f.samples if s.name == "nanogpt_model_loads_total"]
+    assert [(s.labels, s.value) for s in loads] == [({"model": "run", "outcome": "ok"}, 2.0)]
 
 
 def test_a_checkpoint_holding_code_is_refused_and_others_still_serve(tmp_path):
@@ -119,7 +122,7 @@ def test_a_failed_decode_step_ends_its_requests_and_the_next_is_served(tmp_path,
     assert "[DONE]" not in events
     status, reply = chat(client, "run")
     assert status == 200 and reply["usage"]["completion_tokens"] == 12
-    assert client.get("/health").get_json()["models"]["run"]["failed"] == 1
+    assert figures(client.get("/metrics").get_data(as_text=True), "run")["finished"]["error"] == 1
 
 
 def test_torch_state_of_the_serving_thread_is_untouched(tmp_path):
@@ -153,12 +156,13 @@ def test_chat_page_is_served(tmp_path, page):
     assert response.status_code == 200 and response.data
 
 
-def test_workers_keep_one_slot_each_and_a_replacement_takes_the_dead_ones(monkeypatch):
+def test_workers_keep_one_slot_each_and_a_replacement_takes_the_dead_ones(monkeypatch, tmp_path):
     import runpy
     from types import SimpleNamespace
 
     for name in ("OMP_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS", "NANOGPT_WORKER_SLOT"):
         monkeypatch.setenv(name, "1")  # the config file sets defaults in os.environ; restored after the test
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))  # else it would make one and set it here
     hooks = runpy.run_path(str(REPO_ROOT / "gunicorn_config.py"))
     server = SimpleNamespace(WORKERS={})
 
@@ -188,3 +192,34 @@ def test_create_app_passes_the_worker_slot_to_the_registry(tmp_path, monkeypatch
     monkeypatch.setenv("NANOGPT_WORKER_SLOT", "3")
     app = create_app(ServerConfig(models_dir=str(tmp_path)))
     assert app.extensions["nanogpt_registry"].gpu_slot == 3
+
+
+def test_health_names_no_file_and_metrics_need_the_key(tmp_path):
+    write_model(tmp_path, "run", SMALL)
+    client = make_client(tmp_path, api_keys=("sk-1",))
+    key = {"Authorization": "Bearer sk-1"}
+    assert client.post("/v1/chat/completions", json={"model": "run", "messages": HI, "max_tokens": 2}, headers=key).status_code == 200
+    health = client.get("/health")
+    assert health.status_code == 200 and str(tmp_path) not in health.get_data(as_text=True)
+    assert health.get_json() == {"status": "ok", "models": {"run": {"state": "ready"}}}
+    assert client.get("/metrics").status_code == 401
+    metrics = client.get("/metrics", headers=key)
+    assert metrics.status_code == 200 and metrics.content_type.startswith("text/plain")
+    assert figures(metrics.get_data(as_text=True), "run")["finished"]["length"] == 1
+    assert str(tmp_path) not in metrics.get_data(as_text=True)
+    # a scraper on a private network, by the operator's choice
+    assert make_client(tmp_path, api_keys=("sk-1",), metrics_public=True).get("/metrics").status_code == 200
+    # metrics off (to measure what they cost): nothing served
+    assert make_client(tmp_path, metrics=False).get("/metrics").status_code == 404
+
+
+def test_metrics_label_routes_not_paths(tmp_path):
+    client = make_client(tmp_path)
+    for path in ("/v1/a", "/v1/b", "/nothing/here"):
+        assert client.get(path).status_code == 404
+    assert client.post("/v1/chat/completions", json={"model": "ghost", "messages": HI}).status_code == 404
+    samples = [s for f in text_string_to_metric_families(client.get("/metrics").get_data(as_text=True))
+               for s in f.samples if s.name == "nanogpt_http_requests_total"]
+    counts = {(s.labels["endpoint"], s.labels["model"], s.labels["status"]): s.value for s in samples}
+    # a made-up path or model is no new series: an unknown model is "", any unmatched URL "unmatched"
+    assert counts == {("unmatched", "", "404"): 3.0, ("/v1/chat/completions", "", "404"): 1.0}

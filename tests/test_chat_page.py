@@ -109,14 +109,14 @@ def test_chat_page(server, browser):
     send(browser, "Tell me a long story.", 1000)
     until(browser, lambda d: len(assistant_texts(d)) == 1 and len(assistant_texts(d)[0]) > 20, "streamed text")
     assert browser.find_element(By.ID, "stop").is_enabled()  # still streaming on the page...
-    assert server.health("tiny")["active"] == 1  # ...and on the server: 1000 tokens take seconds
+    assert server.figures("tiny")["running"] == 1  # ...and on the server: 1000 tokens take seconds
     browser.find_element(By.ID, "stop").click()
     until(browser, lambda d: "stopped" in d.find_element(By.CSS_SELECTOR, ".message.assistant").get_attribute("class"), "stopped")
     stopped_text = assistant_texts(browser)[0]
     deadline = time.monotonic() + 10
-    while (h := server.health("tiny"))["active"] and time.monotonic() < deadline:
+    while (f := server.figures("tiny"))["running"] and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert h["active"] == 0 and h["cancelled"] == 1 and h["completed"] == 0  # the abort freed the row
+    assert f["running"] == 0 and f["finished"] == {"stop": 0, "length": 0, "cancelled": 1, "error": 0}  # the abort freed the row
     time.sleep(0.5)  # the one fixed wait: long enough for more text to show up if the stream went on
     assert assistant_texts(browser)[0] == stopped_text  # nothing more arrived
     assert browser.find_element(By.ID, "send").is_enabled() and not browser.find_element(By.ID, "stop").is_enabled()
@@ -125,7 +125,7 @@ def test_chat_page(server, browser):
     # the stopped answer included
     send(browser, "And a short one?", 8, enter=True)
     until(browser, lambda d: d.find_element(By.ID, "send").is_enabled() and len(assistant_texts(d)) == 2, "second answer")
-    assert assistant_texts(browser)[1] and server.health("tiny")["completed"] == 1
+    assert assistant_texts(browser)[1] and (f := server.figures("tiny")["finished"])["length"] + f["stop"] == 1
     messages = browser.find_elements(By.CSS_SELECTOR, "#messages .message")
     assert [m.get_attribute("class").split()[1] for m in messages] == ["user", "assistant", "user", "assistant"]
     bodies = browser.execute_script("return window.sentBodies")

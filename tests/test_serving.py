@@ -352,7 +352,7 @@ def test_failed_step_reaches_the_stream_and_the_next_request_is_served(server, c
     # the same scheduler serves on (greedy decoding never samples), and so does every other model
     assert client.chat.completions.create(model="broken", messages=HI, max_tokens=3, temperature=0).usage.completion_tokens == 3
     assert client.chat.completions.create(model="echo", messages=ECHO_MESSAGES, temperature=0).choices[0].message.content == ECHO_REPLY
-    assert server.health("broken")["failed"] == 2
+    assert server.figures("broken")["finished"]["error"] == 2
 
 
 # --- under load
@@ -398,28 +398,29 @@ def test_twenty_concurrent_streams_interleave_and_health_answers(server):
         t.start()
     while any(t.is_alive() for t in threads):
         status, body = server.get("/health")
-        health.append((status, body["models"].get("tiny", {}).get("active", 0)))
+        health.append((status, body["models"].get("tiny", {}).get("state"), server.figures("tiny")["running"]))
         time.sleep(0.02)
     for t in threads:
         t.join()
     assert len(ended) == n and all(ended.values()), "every stream ends with [DONE]"
     assert max(first_content.values()) < min(ended.values()), "every stream had text before any ended"
-    assert all(status == 200 for status, _ in health) and max(active for _, active in health) > 1
-    assert server.health("tiny")["peak_active"] > 1  # decoded in batches, not one by one
+    assert all(status == 200 and state in (None, "loading", "ready") for status, state, _ in health)
+    assert max(running for _, _, running in health) > 1
+    assert server.figures("tiny")["batched_steps"] > 0  # decoded in batches, not one by one
     # batched output equals each prompt alone
     for i in (0, 7, 19):
         alone = json.loads(raw(server, "POST", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": f"Stream {i}"}], "max_tokens": 200, "temperature": 0})[2])
         assert alone["choices"][0]["message"]["content"] == texts[i]
 
 
-def wait_health(server, model: str, cond, what: str, guard: float = 10.0) -> dict:
+def wait_figures(server, model: str, cond, what: str, guard: float = 10.0) -> dict:
     deadline = time.monotonic() + guard
     while time.monotonic() < deadline:
-        h = server.health(model)
-        if cond(h):
-            return h
+        f = server.figures(model)
+        if cond(f):
+            return f
         time.sleep(0.05)
-    raise AssertionError(f"{what}: /health still says {server.health(model)}")
+    raise AssertionError(f"{what}: /metrics still says {server.figures(model)}")
 
 
 def close_hard(conn: http.client.HTTPConnection) -> None:
@@ -429,13 +430,14 @@ def close_hard(conn: http.client.HTTPConnection) -> None:
 
 
 def test_disconnect_frees_the_row(server, client):
-    before = server.health("tiny")
+    before = server.figures("tiny")
     conn, resp = open_stream(server, {"model": "tiny", "messages": HI, "max_tokens": 1000})
     for _ in range(3):
         assert read_event(resp) is not None
     close_hard(conn)
-    after = wait_health(server, "tiny", lambda h: h["active"] == 0 and h["cancelled"] > before["cancelled"], "the row was not freed")
-    assert after["completed"] == before["completed"]  # stopped early, never ran to max_tokens
+    after = wait_figures(server, "tiny", lambda f: f["running"] == 0 and f["finished"]["cancelled"] > before["finished"]["cancelled"],
+                         "the row was not freed")
+    assert after["finished"]["length"] == before["finished"]["length"]  # stopped early, never ran to max_tokens
     assert after["tokens"] - before["tokens"] < 1000
     assert client.chat.completions.create(model="tiny", messages=HI, max_tokens=2).usage.completion_tokens == 2
 
@@ -482,14 +484,15 @@ def test_queue_bound_and_queued_disconnect(tmp_path):
         running, running_resp = open_stream(server, long)
         assert read_event(running_resp) is not None
         queued, queued_resp = open_stream(server, long)  # headers and the role chunk come at once
-        wait_health(server, "tiny", lambda h: h["waiting"] == 1, "the second request should wait")
+        wait_figures(server, "tiny", lambda f: f["waiting"] == 1, "the second request should wait")
         status, headers, body = raw(server, "POST", "/v1/chat/completions", long, key=None)
         assert status == 503 and headers["retry-after"] == "1"
         assert json.loads(body)["error"]["type"] == "server_error"
+        assert server.figures("tiny")["rejected"] == 1
         close_hard(queued)  # noticed at the next keepalive write
-        wait_health(server, "tiny", lambda h: h["waiting"] == 0 and h["cancelled"] == 1, "the queued request was not dropped")
-        assert server.health("tiny")["active"] == 1
+        wait_figures(server, "tiny", lambda f: f["waiting"] == 0 and f["finished"]["cancelled"] == 1, "the queued request was not dropped")
+        assert server.figures("tiny")["running"] == 1
         close_hard(running)
-        wait_health(server, "tiny", lambda h: h["active"] == 0, "the running request was not freed")
+        wait_figures(server, "tiny", lambda f: f["running"] == 0, "the running request was not freed")
         status, _, body = raw(server, "POST", "/v1/chat/completions", long | {"max_tokens": 2}, key=None)
         assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 2

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible server: /v1/models, /v1/chat/completions (streaming or not), /health and
-the chat page at /.
+"""The OpenAI-compatible server: /v1/models, /v1/chat/completions (streaming or not), /health,
+/metrics (Prometheus, web/metrics.py) and the chat page at /.
 
     gunicorn -c gunicorn_config.py web.app:app                 # what users run (gevent workers)
     NANOGPT_API_KEYS=sk-local-1 gunicorn -c gunicorn_config.py web.app:app
@@ -23,13 +23,14 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from flask import Flask, Response, jsonify, render_template, request
+from flask import Flask, Response, g, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from model.prompt import MAX_TOKEN_BYTES, fit_turns, history_budget, prompt_tokens
 from model.text_stream import TextStream
 from model.tokenizer import get_tokenizer
 from web.chat_request import APIError, parse_body, parse_chat_request
+from web.metrics import ServerMetrics
 from web.registry import ModelRegistry
 from web.scheduler import KEEPALIVE, EngineError, Overloaded, Request
 
@@ -52,6 +53,9 @@ class ServerConfig:
     # a conversation longer than the context: False = 400 context_length_exceeded (OpenAI's answer);
     # True = its oldest turns are left out until it fits with room for the answer, as in tuning
     drop_old_turns: bool = False
+    metrics: bool = True  # GET /metrics and the figures behind it; off only to measure what they cost
+    # /metrics asks for the key like /v1/ when keys are set; True lets a scraper on a private network in without one
+    metrics_public: bool = False
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> ServerConfig:
@@ -81,9 +85,10 @@ def create_app(config: ServerConfig | None = None) -> Flask:
     threads = config.torch_threads or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
     # this worker's number among the live ones, set by gunicorn_config.py's post_fork: its GPU
     gpu_slot = int(os.environ.get("NANOGPT_WORKER_SLOT", "0"))
+    metrics = ServerMetrics(enabled=config.metrics)
     registry = ModelRegistry(
         config.models_dir, config.max_models, config.max_rows, config.max_waiting, threads, config.device or None,
-        gpu_slot,
+        gpu_slot, metrics,
     )
     app.extensions["nanogpt_registry"] = registry
     get_tokenizer()  # built now, at worker start: building it later would stall the hub for a moment
@@ -96,6 +101,7 @@ def create_app(config: ServerConfig | None = None) -> Flask:
 
     @app.before_request
     def preflight_and_auth():
+        g.started = time.monotonic()
         if request.method == "OPTIONS":  # a preflight never carries credentials
             response = app.response_class(status=204)
             response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
@@ -104,7 +110,8 @@ def create_app(config: ServerConfig | None = None) -> Flask:
             )
             response.headers["Access-Control-Max-Age"] = "86400"
             return response
-        if config.api_keys and request.path.startswith("/v1/"):
+        private = request.path.startswith("/v1/") or (request.path == "/metrics" and not config.metrics_public)
+        if config.api_keys and private:
             header = request.headers.get("Authorization", "")
             key = header[7:].strip() if header[:7].lower() == "bearer " else ""
             if not any(hmac.compare_digest(key.encode(), k.encode()) for k in config.api_keys):
@@ -113,8 +120,11 @@ def create_app(config: ServerConfig | None = None) -> Flask:
         return None
 
     @app.after_request
-    def cors(response: Response) -> Response:
+    def cors_and_count(response: Response) -> Response:
         response.headers["Access-Control-Allow-Origin"] = "*"  # also on errors and streams
+        # routes, not paths: a client's made-up URLs must not each become a time series
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.request(endpoint, g.get("model", ""), response.status_code)
         return response
 
     # --- errors: always OpenAI's JSON object, never an HTML page
@@ -145,9 +155,18 @@ def create_app(config: ServerConfig | None = None) -> Flask:
 
     @app.get("/health")
     def health():
-        models = registry.health()
-        dead = [m for m, h in models.items() if h["state"] == "dead"]
-        return jsonify({"status": "dead" if dead else "ok", "models": models}), 503 if dead else 200
+        # no key needed, so only what a load balancer needs: each loaded model's state (the figures are in /metrics)
+        models = registry.states()
+        dead = [m for m, state in models.items() if state == "dead"]
+        body = {"status": "dead" if dead else "ok", "models": {m: {"state": state} for m, state in models.items()}}
+        return jsonify(body), 503 if dead else 200
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        if not config.metrics:
+            raise APIError(404, "Metrics are off on this server (NANOGPT_METRICS=0)")
+        text, content_type = metrics.exposition()
+        return Response(text, content_type=content_type)
 
     @app.get("/v1/models")
     def list_models():
@@ -166,10 +185,12 @@ def create_app(config: ServerConfig | None = None) -> Flask:
         info = registry.find(chat.model)
         if info is None:
             raise model_not_found(chat.model)
+        g.model = chat.model
         try:
             scheduler = registry.scheduler(info)
             scheduler.loaded.get()
         except Overloaded as e:
+            metrics.rejection(chat.model)
             raise overloaded(e) from None
         except Exception as e:
             raise APIError(500, f"Model {chat.model!r} could not be loaded from {info.checkpoint}: {e}") from None
@@ -192,11 +213,13 @@ def create_app(config: ServerConfig | None = None) -> Flask:
         try:
             req = scheduler.submit(prompt, params)
         except Overloaded as e:
+            metrics.rejection(chat.model)
             raise overloaded(e) from None
         except EngineError as e:
             raise APIError(500, str(e)) from None
 
-        completion = Completion(req, chat.model, params.stop)
+        completion = Completion(req, chat.model, params.stop, g.started, metrics)
+        request.environ["nanogpt.completion"] = completion.cost  # for the access log (web/access_log.py)
         if chat.stream:
             return stream_response(completion, chat.include_usage, config.keepalive)
         try:
@@ -204,7 +227,7 @@ def create_app(config: ServerConfig | None = None) -> Flask:
         except EngineError as e:
             raise APIError(500, f"Generation failed: {e}") from None
         finally:
-            req.cancel()
+            completion.end()
         return jsonify(
             {
                 "id": completion.id,
@@ -227,18 +250,23 @@ def create_app(config: ServerConfig | None = None) -> Flask:
 
 
 class Completion:
-    """One response's text: token ids from the engine through UTF-8 and stop-string handling.
+    """One response's text: token ids from the engine through UTF-8 and stop-string handling, and
+    what it cost.
 
     Streaming and non-streaming responses both read deltas() here, so their text, finish reason
-    and usage are the same by construction."""
+    and usage are the same by construction. end() frees the request's row and reports the cost
+    once: to the metrics, and in `cost`, the fields of its access log line."""
 
-    def __init__(self, req: Request, model: str, stop: tuple[str, ...]):
-        self.req, self.model = req, model
+    def __init__(self, req: Request, model: str, stop: tuple[str, ...], started: float, metrics: ServerMetrics):
+        self.req, self.model, self.started, self.metrics = req, model, started, metrics
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.text = TextStream(stop)
         self.finish_reason: str | None = None
         self.completion_tokens = 0
+        self.ttft: float | None = None
+        self.cost = {"model": model, "prompt_tokens": len(req.prompt), "completion_tokens": 0, "ttft_s": None,
+                     "finish_reason": None}
 
     def deltas(self, keepalive: float) -> Iterator[str | object]:
         """Text deltas (never a broken character or part of a stop string), and KEEPALIVE when idle."""
@@ -246,7 +274,10 @@ class Completion:
             if item is KEEPALIVE:
                 yield item
                 continue
+            if self.ttft is None:
+                self.ttft = self.cost["ttft_s"] = round(time.monotonic() - self.started, 4)
             self.completion_tokens += 1
+            self.cost["completion_tokens"] = self.completion_tokens
             if delta := self.text.push(item):
                 yield delta
             if self.text.stopped:  # a stop string: the rest is not wanted, free the row now
@@ -257,6 +288,18 @@ class Completion:
             yield rest
         self.finish_reason = self.req.finish_reason
         self.completion_tokens = self.req.completion_tokens  # counts a closing <|endoftext|> too
+
+    def end(self) -> None:
+        """Free the row (a no-op once the engine has finished it) and report the cost, once: finish
+        reason "cancelled" if the text was not read to its end (the client left), "error" if a step
+        failed."""
+        self.req.cancel()
+        if self.cost["finish_reason"] is not None:
+            return
+        reason = "error" if self.req.error is not None else self.finish_reason or "cancelled"
+        self.cost.update(finish_reason=reason, completion_tokens=self.completion_tokens)
+        self.metrics.completion(self.model, len(self.req.prompt), self.completion_tokens, self.ttft,
+                                time.monotonic() - self.started, reason)
 
     def usage(self) -> dict:
         prompt = len(self.req.prompt)
@@ -277,7 +320,6 @@ def stream_response(completion: Completion, include_usage: bool, keepalive: floa
 
     A client that hangs up surfaces as GeneratorExit at the next write (a keepalive comment at the
     latest), and the finally clause frees its row; call_on_close covers a stream never started."""
-    req = completion.req
     extra = {"usage": None} if include_usage else {}
 
     def event(obj: dict) -> str:
@@ -295,12 +337,12 @@ def stream_response(completion: Completion, include_usage: bool, keepalive: floa
         except EngineError as e:  # headers are sent: the error goes in the stream, and it ends
             yield event(APIError(500, f"Generation failed: {e}").body())
         finally:
-            req.cancel()
+            completion.end()
 
     response = Response(events(), mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
-    response.call_on_close(req.cancel)
+    response.call_on_close(completion.end)
     return response
 
 

@@ -14,6 +14,7 @@ keeps answering meanwhile; every request for a model that is loading waits for t
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,10 @@ import torch
 
 from model.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
 from model.gpt import GPT
+from web.metrics import ServerMetrics
 from web.scheduler import Overloaded, Scheduler
+
+log = logging.getLogger("gunicorn.error")  # under gunicorn: its error log
 
 
 @dataclass(frozen=True)
@@ -71,11 +75,13 @@ class ModelRegistry:
         torch_threads: int | None = None,
         device: str | None = None,
         gpu_slot: int = 0,
+        metrics: ServerMetrics | None = None,
     ):
         self.models_dir = Path(models_dir)
         self.max_models = max_models
         self.scheduler_args = {"max_rows": max_rows, "max_waiting": max_waiting, "torch_threads": torch_threads}
         self.device, self.gpu_slot = device, gpu_slot
+        self.metrics = metrics
         self.loaded: OrderedDict[tuple, Scheduler] = OrderedDict()  # least recently used first
 
     def list(self) -> list[ModelInfo]:
@@ -115,20 +121,12 @@ class ModelRegistry:
                 self.loaded.pop(old).close()
         if len(self.loaded) >= self.max_models:
             raise Overloaded(f"{len(self.loaded)} models are loaded and busy (NANOGPT_MAX_MODELS={self.max_models})")
-        scheduler = Scheduler(lambda: load_for_serving(info.checkpoint, self.device, self.gpu_slot), **self.scheduler_args)
+        scheduler = Scheduler(lambda: load_for_serving(info.checkpoint, self.device, self.gpu_slot), **self.scheduler_args,
+                              metrics=self.metrics, name=info.id)
+        log.info("loading model %s from %s", info.id, info.checkpoint)
         self.loaded[key] = scheduler
         return scheduler
 
-    def health(self) -> dict:
-        """Each loaded model's state and load, newest checkpoint per id."""
-        models = {}
-        for (model_id, path, _, _), s in self.loaded.items():
-            models[model_id] = {
-                "state": s.state,
-                "checkpoint": path,
-                "active": len(s.active) + len(s.admitting),
-                "waiting": len(s.waiting),
-                "max_rows": s.max_rows,
-                **vars(s.stats),
-            }
-        return models
+    def states(self) -> dict[str, str]:
+        """Each loaded model's state (Scheduler.state), newest checkpoint per id."""
+        return {model_id: s.state for (model_id, _, _, _), s in self.loaded.items()}

@@ -19,9 +19,9 @@ reads what the step did after `pool.apply` returns.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import gevent
 import gevent.event
@@ -30,6 +30,7 @@ from gevent.threadpool import ThreadPool
 
 from model.engine import Engine, SamplingParams, Sequence
 from model.gpt import GPT
+from web.metrics import ServerMetrics
 
 log = logging.getLogger("gunicorn.error")  # under gunicorn: its error log
 
@@ -93,17 +94,6 @@ class Request:
         self._ready.set()
 
 
-@dataclass
-class Stats:
-    """Counters for /health and the load benchmark."""
-
-    completed: int = 0  # requests the engine finished (stop or length)
-    cancelled: int = 0  # requests that left early (client gone, stop string)
-    failed: int = 0  # requests ended by a failed step
-    tokens: int = 0  # tokens generated, all requests together
-    peak_active: int = 0  # the largest batch so far
-
-
 class Scheduler:
     """Continuous batching for one model: admit FIFO, prefill within a token budget, then one
     batched decode step for all active requests, over and over while there is work."""
@@ -114,15 +104,18 @@ class Scheduler:
         max_rows: int = 16,
         max_waiting: int = 64,
         torch_threads: int | None = None,
+        metrics: ServerMetrics | None = None,
+        name: str = "",
     ):
-        """`load` builds the model; it runs in the engine thread, like everything torch."""
+        """`load` builds the model; it runs in the engine thread, like everything torch. The figures
+        (load time, running and waiting requests, rows per step) go to metrics under the model's name."""
         self.max_rows, self.max_waiting = max_rows, max_waiting
+        self.metrics, self.name = metrics or ServerMetrics(enabled=False), name
         self.pool = ThreadPool(1)
         self.engine: Engine | None = None
         self.waiting: deque[Request] = deque()
         self.active: dict[Sequence, Request] = {}
         self.admitting: list[Request] = []  # taken from waiting for the step that is running
-        self.stats = Stats()
         self.dead: str | None = None  # why the scheduler loop stopped, if it ever does
         self._wake = gevent.event.Event()
         self._load, self._torch_threads = load, torch_threads
@@ -143,6 +136,7 @@ class Scheduler:
             raise Overloaded(f"{len(self.waiting)} requests are already waiting for this model")
         req = Request(self, prompt, params)
         self.waiting.append(req)
+        self._report_queue()
         self.wake()
         return req
 
@@ -167,16 +161,23 @@ class Scheduler:
         """Stop the loop and the thread (the model cache evicts only idle schedulers)."""
         self._greenlet.kill(block=False)
         self.pool.kill()
+        self.metrics.queue(self.name, 0, 0)
+
+    def _report_queue(self) -> None:
+        self.metrics.queue(self.name, len(self.active) + len(self.admitting), len(self.waiting))
 
     # --- the loop (a greenlet on the hub) and its steps (in the engine thread)
 
     def _run(self) -> None:
+        started = time.monotonic()
         try:
             self.engine = self.pool.apply(self._start_engine)
         except Exception as e:  # a bad checkpoint: every request for this model gets the reason
+            self.metrics.model_load(self.name, time.monotonic() - started, ok=False)
             self.loaded.set_exception(e)
             self.dead = f"loading failed: {e}"
             return
+        self.metrics.model_load(self.name, time.monotonic() - started, ok=True)
         self.loaded.set(self.engine.model)
         try:
             while True:
@@ -203,6 +204,7 @@ class Scheduler:
         # taken out of the queue for the step, so that they never count against max_waiting
         free = self.max_rows - len(self.active)
         self.admitting = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+        self._report_queue()
         try:
             started = self.pool.apply(
                 self._engine_step, (cancelled, [(r.prompt, r.params) for r in self.admitting])
@@ -216,14 +218,13 @@ class Scheduler:
             req.seq = seq
             self.active[seq] = req
         self.waiting.extendleft(reversed(admitted[len(started) :]))  # no room this step: first in line again
-        self.stats.peak_active = max(self.stats.peak_active, len(self.active))
+        if self.active:
+            self.metrics.decode_step(self.name, len(self.active))
         for seq, req in list(self.active.items()):
-            before = req.completion_tokens
             req._deliver()
-            self.stats.tokens += req.completion_tokens - before
             if req.finish_reason is not None:
                 del self.active[seq]
-                self.stats.completed += 1
+        self._report_queue()
 
     def _take_cancelled(self) -> list[Sequence]:
         """Forget cancelled requests; returns the sequences the engine must release."""
@@ -233,7 +234,8 @@ class Scheduler:
         cancelled = [seq for seq, req in self.active.items() if req.cancelled]
         for seq in cancelled:
             del self.active[seq]
-        self.stats.cancelled += len(gone) + len(cancelled)
+        if gone or cancelled:
+            self._report_queue()
         return cancelled
 
     @torch.inference_mode()
@@ -262,8 +264,8 @@ class Scheduler:
         log.error("generation step failed, ending %d request(s): %s", len(self.active) + len(admitting), message)
         for req in list(self.active.values()) + admitting:
             req._fail(message)
-        self.stats.failed += len(self.active) + len(admitting)
         self.active.clear()
+        self._report_queue()
         self.pool.apply(self._empty_engine)
 
     def _empty_engine(self) -> None:

@@ -22,9 +22,14 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	$(PY) -m pip install --quiet -r requirements-test.txt
 	touch $@
 
+# the OpenAI client of the snippet make demo prints (the server itself never imports it)
+$(VENV)/.installed-client: $(VENV)/.installed
+	$(PY) -m pip install --quiet openai
+	touch $@
+
 install: $(VENV)/.installed
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed-client
 	$(PY) demo.py --source $(SOURCE) --port $(PORT)
 
 # Then the tests whose results hang on the CPU's kernels (products, loss, training step, resume, decoding)

@@ -76,9 +76,25 @@ def banner(text: str) -> None:
     print(f"\n=== {text}", flush=True)
 
 
+def shown_python() -> str:
+    """This interpreter as a user types it: .venv/bin/python inside the repo (make demo's), else its full path."""
+    try:
+        return Path(PY).relative_to(ROOT).as_posix()
+    except ValueError:
+        return PY
+
+
+def serve_command(paths: Paths) -> str:
+    """The command that serves the demo's runs, as the README gives it."""
+    beside = Path(PY).with_name("gunicorn")  # the venv's own script, as make demo installs it
+    gunicorn = Path(shown_python()).with_name("gunicorn").as_posix() if beside.exists() else f"{shown_python()} -m gunicorn"
+    return f"NANOGPT_MODELS_DIR={paths.runs} NANOGPT_DROP_OLD_TURNS=1 {gunicorn} -c gunicorn_config.py web.app:app"
+
+
 def run(cmd: list[str]) -> None:
     """Print a command as the user would type it, then run it; a failure ends the demo with its code."""
-    shown = ["python" if c == PY else Path(c).relative_to(ROOT).as_posix() if c.startswith(str(ROOT)) else c for c in cmd]
+    shown = [shown_python() if c == PY else Path(c).relative_to(ROOT).as_posix() if c.startswith(str(ROOT)) else c
+             for c in cmd]
     print("$ " + shlex.join(shown), flush=True)
     started = time.monotonic()
     result = subprocess.run(cmd, cwd=ROOT)
@@ -189,9 +205,7 @@ def serve(args: argparse.Namespace, paths: Paths) -> int:
     env = {**os.environ, "NANOGPT_MODELS_DIR": str(paths.runs.resolve()), "NANOGPT_BIND": f"{args.host}:{args.port}",
            "NANOGPT_DROP_OLD_TURNS": "1"}
     cmd = [PY, "-m", "gunicorn", "-c", "gunicorn_config.py", "web.app:app"]
-    print(f"$ NANOGPT_MODELS_DIR={paths.runs} NANOGPT_BIND={args.host}:{args.port} NANOGPT_DROP_OLD_TURNS=1 "
-          "gunicorn -c gunicorn_config.py web.app:app",
-          flush=True)
+    print(f"$ NANOGPT_BIND={args.host}:{args.port} {serve_command(paths)}", flush=True)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     url = f"http://{args.host}:{args.port}"
     try:
@@ -201,12 +215,12 @@ def serve(args: argparse.Namespace, paths: Paths) -> int:
         messages = example_messages(args, paths)
         body = json.dumps({"model": paths.tuned.name, "messages": messages})
         print(f"""
-The tuned model is served at {url}/  (chat page: pick "{paths.tuned.name}" or "{paths.pretrained.name}")
+The tuned model is served at {url}/  (the chat page opens on "{paths.tuned.name}"; "{paths.pretrained.name}" is the base model)
 
 curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
   -d {shlex.quote(body)}
 
-python - <<'EOF'
+{shown_python()} - <<'EOF'
 from openai import OpenAI
 client = OpenAI(base_url="{url}/v1", api_key="unused")
 reply = client.chat.completions.create(model="{paths.tuned.name}", messages={json.dumps(messages)})
@@ -221,6 +235,7 @@ serving: {url}  (Ctrl-C stops the server)""", flush=True)
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=30)
+        print(f"\nto serve the demo's models again (http://127.0.0.1:8000/):\n  {serve_command(paths)}", flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -237,7 +252,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seq_len", type=int, default=128, help="context length, also the longest instruction example")
     # chosen on a CPU capped to AVX2, in float32: 350 + 1600 steps and the rest took 539-549 s there, with
     # single-turn held-out exact match >= 80%; tuning steps count far more than pretraining ones (500 + 1000
-    # gave 83% and 65%), and conversations made them 20% slower: 1700 took 621 s (README, "What make demo shows")
+    # gave 83% and 65%), and conversations made them 20% slower: 1700 took 621 s (README, "The demo, measured")
     g.add_argument("--pretrain_steps", type=int, default=350, help="pretraining steps of 8 x seq_len tokens")
     g.add_argument("--finetune_steps", type=int, default=1600, help="fine-tuning steps")
     g.add_argument("--finetune_batch_size", type=int, default=32,
@@ -301,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         run([PY, "eval/report.py", "--run", str(run_dir)])
     print(f"\nall stages done in {time.monotonic() - started:.0f} s", flush=True)
     if args.no_serve:
+        print(f"to serve both models (http://127.0.0.1:8000/; the chat page opens on {paths.tuned.name!r}):\n"
+              f"  {serve_command(paths)}", flush=True)
         return 0
     return serve(args, paths)
 

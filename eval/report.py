@@ -159,18 +159,28 @@ def _xy(points: list[tuple[int, float]]) -> tuple[list[int], list[float]]:
     return [s for s, _ in points], [v for _, v in points]
 
 
+def smoothing_window(n: int) -> int:
+    """~5% of a run's steps (5 to 100): the trend shows through the step-to-step noise."""
+    return min(100, max(5, n // 20))
+
+
 def plot_loss(train: list[tuple[int, float]], val: list[tuple[int, float]], path: Path) -> None:
+    """Log-scale loss: a run falls from ~11 to ~1 in its first few hundred steps, and on a linear axis
+    everything after that is a flat line. Val is evaluated every so often: markers, not a line
+    drawn straight between them."""
     fig, ax = _figure()
     if train:
         steps, losses = _xy(train)
-        ax.plot(steps, losses, lw=0.7, alpha=0.35, color="C0", label="train")
-        window = min(100, max(5, len(losses) // 20))  # ~5% of the run, so the trend shows through the noise
+        ax.plot(steps, losses, lw=0.7, alpha=0.3, color="C0", label="train")
+        window = smoothing_window(len(losses))
         if len(losses) > window:
-            ax.plot(steps, smooth(losses, window), lw=1.6, color="C0", label=f"train (mean of last {window})")
+            ax.plot(steps, smooth(losses, window), lw=1.8, color="C0", label=f"train (mean of last {window} steps)")
     if val:
         steps, losses = _xy(val)
-        ax.plot(steps, losses, marker="o", ms=4, lw=1, color="C1", label="val")
-    _finish(fig, ax, "Loss", "cross-entropy loss", path)
+        ax.plot(steps, losses, ls="none", marker="o", ms=5, color="C3", label="val", zorder=3)
+    if all(v > 0 for _, v in train + val):
+        ax.set_yscale("log")
+    _finish(fig, ax, "Loss", "cross-entropy loss (log scale)", path)
 
 
 def plot_lr(lr: list[tuple[int, float]], path: Path) -> None:
@@ -192,24 +202,49 @@ def plot_hellaswag(acc_norm: list[tuple[int, float]], acc: list[tuple[int, float
 
 
 def plot_throughput(tokens_per_s: list[tuple[int, float]], mfu: list[tuple[int, float]], path: Path) -> None:
+    """Tokens/s smoothed like the loss (each step's own figure is noise: evaluations, saves, the OS),
+    the raw figures faint behind."""
     fig, ax = _figure()
-    lines = ax.plot(*_xy(tokens_per_s), lw=1, color="C0", label="tokens/s")
+    steps, values = _xy(tokens_per_s)
+    window = smoothing_window(len(values))
+    ax.plot(steps, values, lw=0.6, alpha=0.25, color="C0")
+    lines = ax.plot(steps, smooth(values, window), lw=1.8, color="C0", label=f"tokens/s (mean of last {window} steps)")
     ax.yaxis.set_major_formatter(lambda v, _: f"{v:,.0f}")
+    ax.set_ylim(bottom=0)
     if mfu:
         ax2 = ax.twinx()
         steps, values = _xy(mfu)
-        lines += ax2.plot(steps, [100 * v for v in values], lw=1, color="C1", alpha=0.8, label="MFU")
+        lines += ax2.plot(steps, smooth([100 * v for v in values], window), lw=1.4, color="C1", label="MFU (%)")
         ax2.set_ylabel("MFU (%)")
+        ax2.set_ylim(bottom=0)
     ax.legend(lines, [line.get_label() for line in lines], loc="best", fontsize="small")
     _finish(fig, ax, "Throughput", "tokens/s", path, legend=False)
 
 
+# well apart from each other, in order, for a metric and its breakdowns (matplotlib's C4-C9 have near twins)
+METRIC_COLOURS = ("#1f3b99", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#17becf", "#8c564b", "#e377c2")
+METRIC_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def metric_title(name: str) -> str:
+    """A key as people read it: "exact_match" -> "Exact match"."""
+    words = name.replace("_", " ").strip()
+    return words[:1].upper() + words[1:]
+
+
 def plot_metric(name: str, series: dict[str, list[tuple[int, float]]], path: Path) -> None:
-    """One metric over steps, with its breakdowns (e.g. exact_match_new_operands) as further lines."""
+    """One metric over steps, with its breakdowns (exact_match_new_operands: "new operands") as further
+    lines, each its own colour and marker; a fraction is drawn in percent, on 0-100."""
     fig, ax = _figure()
+    fraction = all(0 <= v <= 1 for points in series.values() for _, v in points)
     for i, (key, points) in enumerate(series.items()):
-        ax.plot(*_xy(points), marker="o", ms=4, lw=1.6 if key == name else 1.0, color=f"C{(4 + i) % 10}", label=key)
-    _finish(fig, ax, name, name, path, legend=len(series) > 1)
+        steps, values = _xy(points)
+        label = "all" if key == name else key.removeprefix(name + "_").replace("_", " ")
+        ax.plot(steps, [100 * v for v in values] if fraction else values, marker=METRIC_MARKERS[i % len(METRIC_MARKERS)],
+                ms=5, lw=2.2 if key == name else 1.2, color=METRIC_COLOURS[i % len(METRIC_COLOURS)], label=label)
+    if fraction:
+        ax.set_ylim(-2, 102)
+    _finish(fig, ax, metric_title(name), metric_title(name) + (" (%)" if fraction else ""), path, legend=len(series) > 1)
 
 
 def other_metrics(log: RunLog) -> dict[str, list[str]]:

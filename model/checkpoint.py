@@ -108,6 +108,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
+def checkpoint_kind(path: str | Path) -> str | None:
+    """The stage that wrote a checkpoint ("pretrain" or "sft"; None if it does not say or cannot be
+    read), without reading its tensors: they are memory-mapped, not loaded."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError):
+        return None
+    return ckpt.get("kind") if isinstance(ckpt, dict) else None
+
+
 def model_from_checkpoint(ckpt: dict) -> GPT:
     """Rebuild the GPT of a loaded checkpoint, weights loaded strictly."""
     try:

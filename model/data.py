@@ -39,7 +39,10 @@ class TokenShardLoader:
         self.B, self.T, self.rank, self.world_size = batch_size, seq_len, rank, world_size
         manifest = read_manifest(data_dir, producer)
         if manifest is None:
-            raise DataError(f"no prepared data in {data_dir} (no {MANIFEST}): run {producer} first")
+            raise DataError(
+                f"no prepared data in {data_dir} (no {MANIFEST}): run {producer} first (FineWeb-Edu from the Hub, "
+                f"or --input FILE for your own text, then --data_dir its --out_dir); offline and in minutes: the "
+                "README's CPU quick start, or make demo for every stage at once")
         if manifest.get("kind") == "instructions":
             raise DataError(
                 f"{data_dir} holds instruction data from {manifest['producer']}: fine-tune on it with "

@@ -30,13 +30,16 @@ from model.gpt import GPT
 from model.text_stream import TextStream
 from model.tokenizer import EOT, VOCAB_SIZE
 
+# the one default of the API, the chat page and the terminal chat (OpenAI's is 1.0): a small model's
+# samples at 1.0 draw often from its long tail of unlikely tokens; clients that send their own keep it
+DEFAULT_TEMPERATURE = 0.7
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request samples; the meanings are OpenAI's chat completion parameters."""
 
     max_tokens: int = 256  # tokens to generate at most (the closing <|endoftext|> included)
-    temperature: float = 1.0  # 0 = greedy: deterministic
+    temperature: float = DEFAULT_TEMPERATURE  # 0 = greedy: deterministic
     top_k: int = 0  # sample among the k likeliest tokens only; 0 = all
     top_p: float = 1.0  # nucleus: the smallest set of likeliest tokens whose probability reaches top_p
     presence_penalty: float = 0.0  # subtracted from the logit of every token already generated

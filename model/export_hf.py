@@ -34,6 +34,7 @@ import torch
 from model.atomic import atomic_write
 from model.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from model.gpt import GPT, GPTConfig
+from model.hub import probe_hub
 from model.tokenizer import EOT, VOCAB_SIZE
 
 # weights that HF's Conv1D stores as (in, out); everything else has the same layout in both formats
@@ -183,6 +184,7 @@ def _our_state_dict(hf_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def _hub_download(name: str, repo_id: str, filename: str) -> Path:
     """One file of a Hub repo, from the local HF cache or the network; name is what the user passed."""
+    probe_hub()  # offline: the cache at once, not a minute of retries
     # imported here: only fetching from the Hub needs huggingface_hub
     from huggingface_hub import hf_hub_download
 

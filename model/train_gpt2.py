@@ -9,9 +9,10 @@ After an interruption (SIGTERM/SIGINT save a checkpoint; a kill loses only the s
 
 HellaSwag is scored every --hellaswag_every steps (downloaded once; --hellaswag_data for a local copy).
 
-A tiny model on a 2-core CPU, on any local text (loss falls within minutes):
-    python data_prep/fineweb.py --input ../shared/data/tinyshakespeare.txt --out_dir data/shakespeare --shard_size 100000
-    python model/train_gpt2.py --data_dir data/shakespeare --out_dir checkpoints/shakespeare \\
+A tiny model on a 2-core CPU, offline, in minutes (or make demo: every stage at once):
+    python data_prep/demo_corpus.py --out_dir data/tiny/source       # or any local text: --input my_text.txt
+    python data_prep/fineweb.py --input data/tiny/source/pretrain.jsonl --out_dir data/tiny/shards --shard_size 100000
+    python model/train_gpt2.py --data_dir data/tiny/shards --out_dir checkpoints/tiny \\
         --n_layer 4 --n_head 4 --n_embd 128 --seq_len 64 --batch_size 8 --total_batch_size 512 \\
         --max_steps 200 --warmup_steps 20 --max_lr 3e-3 --eval_every 50 --val_steps 8 --save_every 100 --hellaswag_every 0
 

@@ -223,3 +223,22 @@ def test_metrics_label_routes_not_paths(tmp_path):
     counts = {(s.labels["endpoint"], s.labels["model"], s.labels["status"]): s.value for s in samples}
     # a made-up path or model is no new series: an unknown model is "", any unmatched URL "unmatched"
     assert counts == {("unmatched", "", "404"): 3.0, ("/v1/chat/completions", "", "404"): 1.0}
+
+
+def test_models_say_which_stage_wrote_them_and_the_log_names_the_folder(tmp_path, caplog):
+    from model.checkpoint import model_state, save_checkpoint
+    from model.gpt import GPT
+
+    for name, kind in [("base", "pretrain"), ("tuned", "sft")]:
+        save_checkpoint(model_state(GPT(SMALL)) | {"step": 1, "kind": kind}, checkpoint_path(tmp_path / name, 1))
+    write_model(tmp_path, "old", SMALL)  # a checkpoint that does not say
+    with caplog.at_level("INFO", logger="gunicorn.error"):
+        client = make_client(tmp_path)
+    assert f"models directory {tmp_path.resolve()} (NANOGPT_MODELS_DIR): base (pretrain), old (unknown stage), tuned (sft)" \
+        in caplog.text
+    listed = {m["id"]: m["kind"] for m in client.get("/v1/models").get_json()["data"]}
+    assert listed == {"base": "pretrain", "old": None, "tuned": "sft"}
+    assert client.get("/v1/models/tuned").get_json()["kind"] == "sft"
+    with caplog.at_level("INFO", logger="gunicorn.error"):
+        make_client(tmp_path / "nowhere")
+    assert f"models directory {(tmp_path / 'nowhere').resolve()} (NANOGPT_MODELS_DIR) does not exist" in caplog.text

@@ -10,24 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from browser import chromium, need_chromium, until
 from conftest import REPO_ROOT
 from model.gpt import GPTConfig
 from serving import gunicorn_server, write_model
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-    if os.environ.get("CI") == "true":
-        raise RuntimeError(f"CI needs {CHROMIUM} and {CHROMEDRIVER}: .ci/run installs chromium and chromium-driver")
-    pytest.skip("no Chromium: apt-get install chromium chromium-driver to run the browser test", allow_module_level=True)
+need_chromium(module_level=True)
 
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select  # noqa: E402
 
 KEY = "sk-page"
-WAIT = 30
 
 
 @pytest.fixture(scope="module")
@@ -40,24 +34,8 @@ def server(tmp_path_factory):
 
 @pytest.fixture
 def browser(tmp_path):
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in [
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1280,900",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ]:
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, for get_log
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
+    with chromium(tmp_path / "profile") as driver:
         yield driver
-    finally:
-        driver.quit()
-
-
-def until(driver, condition, what: str):
-    return WebDriverWait(driver, WAIT).until(lambda d: condition(d), message=what)
 
 
 def assistant_texts(driver) -> list[str]:
@@ -97,6 +75,12 @@ def test_chat_page(server, browser):
     # no key yet: the first model list is refused, and the page says why
     until(browser, lambda d: "Missing API key" in d.find_element(By.ID, "error").text, "missing key message")
     assert [e for e in console_errors(browser) if "401" not in e] == []
+    # Send before any model could be listed: the reason stays on screen, and the picker keeps its width
+    browser.find_element(By.ID, "prompt").send_keys("Hello?")
+    browser.find_element(By.ID, "send").click()
+    assert "Missing API key" in browser.find_element(By.ID, "error").text
+    assert browser.find_element(By.ID, "model").size["width"] > 100
+    browser.find_element(By.ID, "prompt").clear()
     key = browser.find_element(By.ID, "api-key")
     key.send_keys(KEY)
     browser.find_element(By.ID, "refresh").click()

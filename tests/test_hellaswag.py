@@ -197,7 +197,7 @@ def test_downloads_once_then_reads_the_cache(tmp_path):
 def test_cli_report_and_two_ranks_count_every_example_once(tmp_path, shared_data):
     data = shared_data / "hellaswag_val_head10.jsonl"
     model = tiny_gpt(seed=3)
-    ckpt = write_checkpoint(model, tmp_path / "run" / "step_000000.pt")
+    write_checkpoint(model, tmp_path / "run" / "step_000000.pt")
     expected = score(model, load_examples(data), torch.device("cpu"))
     for limit in (10, 9, 1):  # 9 over 2 ranks: one rank scores one example more; 1: a rank with none
         reports = {}

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from flask import Flask, Response, g, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
+from model.engine import DEFAULT_TEMPERATURE
 from model.prompt import MAX_TOKEN_BYTES, fit_turns, history_budget, prompt_tokens
 from model.text_stream import TextStream
 from model.tokenizer import get_tokenizer
@@ -91,6 +92,7 @@ def create_app(config: ServerConfig | None = None) -> Flask:
         gpu_slot, metrics,
     )
     app.extensions["nanogpt_registry"] = registry
+    log.info("%s", registry.describe())
     get_tokenizer()  # built now, at worker start: building it later would stall the hub for a moment
     if config.api_keys:
         log.info("API keys required: %d key(s) from NANOGPT_API_KEYS", len(config.api_keys))
@@ -151,7 +153,7 @@ def create_app(config: ServerConfig | None = None) -> Flask:
 
     @app.get("/")
     def chat_page():
-        return render_template("index.html")
+        return render_template("index.html", temperature=DEFAULT_TEMPERATURE)
 
     @app.get("/health")
     def health():
@@ -170,14 +172,14 @@ def create_app(config: ServerConfig | None = None) -> Flask:
 
     @app.get("/v1/models")
     def list_models():
-        return jsonify({"object": "list", "data": [model_object(m) for m in registry.list()]})
+        return jsonify({"object": "list", "data": [model_object(m, registry.kind(m)) for m in registry.list()]})
 
     @app.get("/v1/models/<path:model_id>")
     def get_model(model_id: str):
         info = registry.find(model_id)
         if info is None:
             raise model_not_found(model_id)
-        return jsonify(model_object(info))
+        return jsonify(model_object(info, registry.kind(info)))
 
     @app.post("/v1/chat/completions")
     def chat_completions():
@@ -346,8 +348,11 @@ def stream_response(completion: Completion, include_usage: bool, keepalive: floa
     return response
 
 
-def model_object(info) -> dict:
-    return {"id": info.id, "object": "model", "created": info.created, "owned_by": "nanogpt-instruct"}
+def model_object(info, kind: str | None) -> dict:
+    """OpenAI's model object, and `kind`: the stage that wrote the checkpoint ("pretrain": a base model
+    that continues text, "sft": instruction-tuned; null if it does not say). Clients ignore fields they
+    do not know; the chat page picks a tuned model with it."""
+    return {"id": info.id, "object": "model", "created": info.created, "owned_by": "nanogpt-instruct", "kind": kind}
 
 
 def model_not_found(model_id: str) -> APIError:

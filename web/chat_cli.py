@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 import torch  # noqa: E402
 
 from model.compute import pick_device  # noqa: E402
-from model.engine import SamplingParams, generate  # noqa: E402
+from model.engine import DEFAULT_TEMPERATURE, SamplingParams, generate  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.pretrained import load_pretrained  # noqa: E402
 from model.prompt import chat_turns, fit_turns, history_budget, prompt_tokens  # noqa: E402
@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--init_from", default=None, help="a Hugging Face GPT-2 (gpt2, ...) or a local HF directory")
     parser.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu (default: %(default)s)")
     g = parser.add_argument_group("sampling (as in the API)")
-    g.add_argument("--temperature", type=bounded(float, 0, 2), default=0.7, help="0 = greedy (default: %(default)s)")
+    g.add_argument("--temperature", type=bounded(float, 0, 2), default=DEFAULT_TEMPERATURE,
+                   help="0 = greedy (default: %(default)s, as the server's and the chat page's)")
     g.add_argument("--top_p", type=bounded(float, 0, 1), default=1.0, help="nucleus sampling mass (default: %(default)s)")
     g.add_argument("--top_k", type=bounded(int, 0), default=0, help="sample among the k likeliest; 0 = all (default)")
     g.add_argument("--max_tokens", type=bounded(int, 1), default=256,

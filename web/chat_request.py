@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from model.engine import SamplingParams
+from model.engine import DEFAULT_TEMPERATURE, SamplingParams
 from model.prompt import ChatError, Turn, chat_turns, check_awaiting
 
 MAX_STOP_STRINGS = 4
@@ -91,7 +91,7 @@ def parse_chat_request(body: dict) -> ChatRequest:
     include_usage = stream and options is not None and _boolean(options, "include_usage", "stream_options.include_usage")
 
     params = SamplingParams(
-        temperature=_number(body, "temperature", 0.0, 2.0, 1.0),
+        temperature=_number(body, "temperature", 0.0, 2.0, DEFAULT_TEMPERATURE),
         top_p=_number(body, "top_p", 0.0, 1.0, 1.0),
         top_k=_integer(body, "top_k", 0) or 0,  # not OpenAI's, but many clients send it
         presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, 0.0),

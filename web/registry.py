@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
+from model.checkpoint import checkpoint_kind, latest_checkpoint, load_checkpoint, model_from_checkpoint
 from model.gpt import GPT
 from web.metrics import ServerMetrics
 from web.scheduler import Overloaded, Scheduler
@@ -83,6 +83,7 @@ class ModelRegistry:
         self.device, self.gpu_slot = device, gpu_slot
         self.metrics = metrics
         self.loaded: OrderedDict[tuple, Scheduler] = OrderedDict()  # least recently used first
+        self._kinds: dict[tuple, str | None] = {}  # checkpoint key -> the stage that wrote it
 
     def list(self) -> list[ModelInfo]:
         """Every run directory with a complete checkpoint, by name."""
@@ -102,6 +103,21 @@ class ModelRegistry:
         if checkpoint is None:
             return None
         return ModelInfo(model_id, checkpoint, int(checkpoint.stat().st_mtime))
+
+    def kind(self, info: ModelInfo) -> str | None:
+        """The stage that wrote the model's checkpoint: "pretrain" (a base model), "sft" (tuned) or None."""
+        key = info.key()
+        if key not in self._kinds:
+            self._kinds[key] = checkpoint_kind(info.checkpoint)
+        return self._kinds[key]
+
+    def describe(self) -> str:
+        """Where the models come from and which there are, for the server's log at start."""
+        where = self.models_dir.resolve()
+        if not self.models_dir.is_dir():
+            return f"models directory {where} (NANOGPT_MODELS_DIR) does not exist: no models to serve"
+        found = ", ".join(f"{m.id} ({self.kind(m) or 'unknown stage'})" for m in self.list())
+        return f"models directory {where} (NANOGPT_MODELS_DIR): {found or 'no run directory with a checkpoint'}"
 
     def scheduler(self, info: ModelInfo) -> Scheduler:
         """The scheduler of a model, loading it (in the background) if this worker has not yet.

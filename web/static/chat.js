@@ -30,18 +30,37 @@ function networkError(err) {
   return `The server is unreachable (${err.message}). Is it running?`;
 }
 
+// The picker keeps its width and says why it is empty; a list it had stays until a new one comes.
+function emptyPicker(why) {
+  const select = $("model");
+  if (!select.value) select.replaceChildren(new Option(why, ""));
+}
+
+// The model list. A base model (kind "pretrain": it continues text, it was never tuned to answer)
+// says so; the first choice is the one the user had, else an instruction-tuned model, else the first.
 async function loadModels() {
-  showError("");
   const select = $("model");
   const chosen = select.value;
   try {
     const response = await fetch("/v1/models", { headers: headers() });
-    if (!response.ok) return showError(await httpError(response));
+    if (!response.ok) {
+      emptyPicker("(no list: see above)");
+      return showError(await httpError(response));
+    }
     const models = (await response.json()).data;
-    select.replaceChildren(...models.map((m) => new Option(m.id, m.id)));
-    if (models.some((m) => m.id === chosen)) select.value = chosen;
-    if (!models.length) showError("No models: the server's models directory has no run with a checkpoint.");
+    if (!models.length) {
+      select.replaceChildren(new Option("(no models)", ""));
+      return showError("No models: the server's models directory (NANOGPT_MODELS_DIR, default checkpoints/) " +
+        "has no run directory with a checkpoint; the server's log names the folder it read. After make demo, " +
+        "serve its runs with: NANOGPT_MODELS_DIR=checkpoints/demo gunicorn -c gunicorn_config.py web.app:app");
+    }
+    showError("");
+    select.replaceChildren(...models.map((m) =>
+      new Option(m.kind === "pretrain" ? `${m.id} (base model: continues text)` : m.id, m.id)));
+    const tuned = models.find((m) => m.kind === "sft");
+    select.value = models.some((m) => m.id === chosen) ? chosen : (tuned || models[0]).id;
   } catch (err) {
+    emptyPicker("(no list: see above)");
     showError(networkError(err));
   }
 }
@@ -143,7 +162,8 @@ $("composer").addEventListener("submit", (e) => {
   e.preventDefault();
   const text = $("prompt").value;
   if (!text.trim() || controller) return;
-  if (!$("model").value) return showError("Pick a model first (↻ reloads the list).");
+  // an error already on screen (a wrong key, say) is the reason there is no model: it stays
+  if (!$("model").value) return $("error").hidden && showError("Pick a model first (↻ reloads the list).");
   $("prompt").value = "";
   send(text);
 });

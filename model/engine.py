@@ -33,6 +33,11 @@ from model.tokenizer import EOT, VOCAB_SIZE
 # the one default of the API, the chat page and the terminal chat (OpenAI's is 1.0): a small model's
 # samples at 1.0 draw often from its long tail of unlikely tokens; clients that send their own keep it
 DEFAULT_TEMPERATURE = 0.7
+MAX_LOGPROBS = 20  # alternatives per token at most (OpenAI's top_logprobs limit)
+
+# A token's log-probability and its likeliest alternatives [(token, logprob), ...], most likely first
+TokenLogprob = tuple[float, list[tuple[int, float]]]
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -46,6 +51,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted once per earlier occurrence of the token
     seed: int | None = None  # a request with a seed samples from its own generator: reproducible
     stop: tuple[str, ...] = ()  # strings that end the text (TextStream's job; the engine never sees text)
+    # log-probabilities, from the model's own distribution (before temperature, top-k/p and penalties):
+    # None = none; k = each generated token's and its k likeliest alternatives (0 to MAX_LOGPROBS)
+    logprobs: int | None = None
+    prompt_logprobs: bool = False  # also every prompt token's after the first (with `logprobs` alternatives)
 
 
 @dataclass(eq=False)
@@ -56,6 +65,8 @@ class Sequence:
     params: SamplingParams
     output: list[int] = field(default_factory=list)  # generated tokens; a closing <|endoftext|> is not kept
     sampled: int = 0  # tokens generated, the closing <|endoftext|> included (the usage count)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, with params.logprobs
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per prompt token; None for the first
     cached: int = 0  # tokens of prompt + output whose keys and values are in the cache
     row: int = -1  # its cache row while in the engine
     finish_reason: str | None = None  # "stop" (<|endoftext|>) or "length" (max_tokens or a full context)
@@ -112,8 +123,10 @@ class Engine:
             raise RuntimeError("no free row: check has_room() first")
         if not 1 <= len(prompt) <= self.max_len:
             raise ValueError(f"a prompt must have 1 to {self.max_len} tokens, got {len(prompt)}")
-        if params.max_tokens < 1:
-            raise ValueError("max_tokens must be >= 1")
+        if params.max_tokens < (0 if params.prompt_logprobs else 1):
+            raise ValueError("max_tokens must be >= 1 (0 only to score the prompt: prompt_logprobs)")
+        if params.logprobs is not None and not 0 <= params.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be 0 to {MAX_LOGPROBS}")
         seq = Sequence(prompt=list(prompt), params=params, row=len(self.rows))
         if params.seed is not None:
             seq.generator = torch.Generator(self.device).manual_seed(params.seed)
@@ -151,12 +164,23 @@ class Engine:
         if seq is None:
             return None
         chunk = seq.prompt[seq.cached : seq.cached + self.prefill_chunk]
-        logits = self._forward([chunk], [seq.cached], slice(seq.row, seq.row + 1))
+        scoring = seq.params.prompt_logprobs
+        logits = self._forward([chunk], [seq.cached], slice(seq.row, seq.row + 1), every_position=scoring)
+        if scoring:  # position j predicts prompt token cached + j + 1
+            if seq.cached == 0:
+                seq.prompt_logprobs.append(None)  # the first token has nothing before it
+            following = seq.prompt[seq.cached + 1 : seq.cached + len(chunk) + 1]
+            seq.prompt_logprobs += self._logprobs(logits[0, : len(following)], following, seq.params.logprobs or 0)
+            logits = logits[:, -1]
         seq.cached += len(chunk)
         if not seq.prefilled:
             return None
         self.prefilling = None
         self.rows.append(seq)
+        if seq.params.max_tokens == 0:  # the prompt scored, nothing to generate
+            seq.finish_reason = "length"
+            self.release(seq)
+            return seq
         self._sample(logits, [seq])
         return seq
 
@@ -173,8 +197,9 @@ class Engine:
         self._sample(logits, seqs)
         return seqs
 
-    def _forward(self, tokens: list[list[int]], starts: list[int], rows: slice) -> torch.Tensor:
-        """Logits (B, vocab) after the last of each row's new tokens (all rows get the same count T)."""
+    def _forward(self, tokens: list[list[int]], starts: list[int], rows: slice, every_position: bool = False) -> torch.Tensor:
+        """Logits (B, vocab) after the last of each row's new tokens (all rows get the same count T), or
+        (B, T, vocab) after every one of them."""
         T = len(tokens[0])
         length = max(starts) + T
         write_pos = torch.tensor(starts, device=self.device).unsqueeze(1) + torch.arange(T, device=self.device)
@@ -182,11 +207,21 @@ class Engine:
         cache = [LayerCache(self.k[i], self.v[i], rows, write_pos, length) for i in range(self.model.config.n_layer)]
         idx = torch.tensor(tokens, device=self.device)
         hidden = self.model.hidden(idx, write_pos, mask, cache)
-        return self.model.lm_head(hidden[:, -1])
+        return self.model.lm_head(hidden if every_position else hidden[:, -1])
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
+        """For each row of logits (n, vocab): the log-probability of its token and the k likeliest."""
+        logp = logits[:, :VOCAB_SIZE].float().log_softmax(dim=-1)
+        chosen = logp[torch.arange(len(tokens)), torch.tensor(tokens, device=logp.device)].tolist()
+        if k == 0:
+            return [(c, []) for c in chosen]
+        top = logp.topk(k, dim=-1)
+        return [(c, list(zip(ids, values))) for c, ids, values in zip(chosen, top.indices.tolist(), top.values.tolist())]
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """Pick each row's next token, append it, and release the rows it finished."""
-        logits = logits[:, :VOCAB_SIZE].float()  # the padded vocabulary's rows are never tokens
+        logits = raw = logits[:, :VOCAB_SIZE].float()  # the padded vocabulary's rows are never tokens
         rows = torch.tensor([s.row for s in seqs], device=self.device)
         freq = torch.tensor([[s.params.frequency_penalty] for s in seqs], device=self.device)
         pres = torch.tensor([[s.params.presence_penalty] for s in seqs], device=self.device)
@@ -196,10 +231,15 @@ class Engine:
         greedy = logits.argmax(dim=-1).tolist()
         tokens = [greedy[i] if s.params.temperature == 0 else self._draw(logits[i], s) for i, s in enumerate(seqs)]
         self.counts[rows, torch.tensor(tokens, device=self.device)] += 1
+        scored = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        for i in scored:
+            seqs[i].logprobs += self._logprobs(raw[i : i + 1], [tokens[i]], seqs[i].params.logprobs)
         for s, token in zip(seqs, tokens):
             s.sampled += 1
             if token == EOT:
                 s.finish_reason = "stop"
+                if s.params.logprobs is not None:
+                    s.logprobs.pop()  # the closing token is no text: OpenAI leaves it out too
             else:
                 s.output.append(token)
                 # the next step feeds this token at position cached: it needs a free slot there

@@ -176,6 +176,36 @@ def stream(tokens: list[int], stop=()) -> list[str]:
     return [*deltas, text.flush()]
 
 
+def test_logprobs_are_the_models_own(model):
+    """Prompt tokens scored over chunk boundaries, and generated tokens, against a plain forward pass;
+    the alternatives sorted, the chosen one among them whenever it is in the top k."""
+    prompt = PROMPTS[3]
+    engine = Engine(model, max_rows=2, prefill_chunk=5)  # the prompt takes several chunks
+    scored = finish(engine, prompt, SamplingParams(max_tokens=0, temperature=0, logprobs=5, prompt_logprobs=True))
+    assert scored.output == [] and scored.finish_reason == "length" and scored.prompt_logprobs[0] is None
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt]))[0][0, :, :VOCAB_SIZE].log_softmax(-1)
+    assert len(scored.prompt_logprobs) == len(prompt)
+    for i, (logprob, top) in enumerate(scored.prompt_logprobs[1:]):
+        assert logprob == pytest.approx(expected[i, prompt[i + 1]].item(), abs=1e-5)
+        assert [t for t, _ in top] == expected[i].topk(5).indices.tolist()
+        assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+
+    seq = finish(engine, prompt, SamplingParams(max_tokens=8, temperature=0, logprobs=3))
+    assert len(seq.logprobs) == len(seq.output) == 8 and seq.prompt_logprobs == []
+    with torch.no_grad():
+        full = model(torch.tensor([prompt + seq.output]))[0][0, :, :VOCAB_SIZE].log_softmax(-1)
+    for j, (token, (logprob, top)) in enumerate(zip(seq.output, seq.logprobs)):
+        assert logprob == pytest.approx(full[len(prompt) - 1 + j, token].item(), abs=1e-5)
+        assert top[0][0] == token  # greedy: the chosen token is the likeliest
+    # sampled with a temperature, the logprob is still the model's own, not the tempered one
+    hot = finish(engine, prompt, SamplingParams(max_tokens=4, temperature=1.5, seed=3, logprobs=0))
+    with torch.no_grad():
+        full = model(torch.tensor([prompt + hot.output]))[0][0, :, :VOCAB_SIZE].log_softmax(-1)
+    assert [lp for lp, _ in hot.logprobs] == pytest.approx(
+        [full[len(prompt) - 1 + j, t].item() for j, t in enumerate(hot.output)], abs=1e-5)
+
+
 def test_text_stream_never_splits_a_character():
     sample = "naïve café — 日本語のテキスト 😀👍🏽 and 한국어"
     tokens = encode(sample)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import openai
 import pytest
@@ -112,12 +113,19 @@ def test_access_log_says_what_a_stream_cost_and_nothing_private(server):
     status, _, data = raw(server, "POST", "/v1/chat/completions", body, key=KEY)
     assert status == 200
     usage = json.loads([line for line in data.decode().split("\n") if '"usage": {' in line][-1][6:])["usage"]
+
+    def mine() -> list[dict]:
+        lines = [json.loads(line) for line in server.log_text().splitlines() if line.startswith("{")]
+        return [r for r in lines if r.get("path") == "/v1/chat/completions" and r["status"] == 200
+                and r.get("completion_tokens") == 5 and r.get("prompt_tokens") == usage["prompt_tokens"]]
+
+    deadline = time.monotonic() + 10  # gunicorn writes the line just after the body's last byte has gone
+    while not mine() and time.monotonic() < deadline:
+        time.sleep(0.05)
     log = server.log_text()
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
-    mine = [r for r in lines if r.get("path") == "/v1/chat/completions" and r.get("prompt_tokens") == usage["prompt_tokens"]
-            and r["status"] == 200]
-    assert mine, log[-3000:]
-    line = mine[-1]
+    assert mine(), log[-3000:]
+    line = mine()[-1]
     assert line["model"] == "tiny" and line["method"] == "POST" and line["finish_reason"] == "length"
     assert line["completion_tokens"] == usage["completion_tokens"] == 5
     assert 0 < line["ttft_s"] <= line["duration_s"]

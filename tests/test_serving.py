@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import socket
 import struct
 import threading
@@ -18,9 +19,14 @@ import urllib.parse
 
 import openai
 import pytest
+import torch
 
 from serving import ECHO_PROMPT, ECHO_REPLY, gunicorn_server, write_echo_model, write_model, write_nan_model
+from model.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
+from model.engine import SamplingParams, generate
 from model.gpt import GPTConfig
+from model.tokenizer import VOCAB_SIZE, encode
+from eval.hellaswag import Example, score
 
 KEY = "sk-test-2"
 TINY = GPTConfig(block_size=1024, n_layer=2, n_head=2, n_embd=64)
@@ -50,6 +56,7 @@ def server(tmp_path_factory):
     }
     log = tmp_path_factory.mktemp("logs") / "gunicorn.log"
     with gunicorn_server(models, log, env, args=("--timeout", "2")) as s:
+        s.models = models
         yield s
 
 
@@ -263,7 +270,7 @@ def test_seed_makes_sampling_reproducible(client):
         ({"model": "tiny", "messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"model": "tiny", "messages": HI, "stop": 3}, "stop"),
         ({"model": "tiny", "messages": HI, "n": 2}, "n"),
-        ({"model": "tiny", "messages": HI, "logprobs": True}, "logprobs"),
+        ({"model": "tiny", "messages": HI, "logprobs": "yes"}, "logprobs"),
         ({"model": "tiny", "messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
         ({"model": "tiny", "messages": HI, "tool_choice": "required"}, "tool_choice"),
         ({"model": "tiny", "messages": HI, "stream": "yes"}, "stream"),
@@ -353,6 +360,101 @@ def test_failed_step_reaches_the_stream_and_the_next_request_is_served(server, c
     assert client.chat.completions.create(model="broken", messages=HI, max_tokens=3, temperature=0).usage.completion_tokens == 3
     assert client.chat.completions.create(model="echo", messages=ECHO_MESSAGES, temperature=0).choices[0].message.content == ECHO_REPLY
     assert server.figures("broken")["finished"]["error"] == 2
+
+
+# --- /v1/completions: a raw prompt continued, for base models
+
+
+def test_text_completion_continues_the_raw_prompt(server, client):
+    prompt = "The history of the lighthouse"
+    model = model_from_checkpoint(load_checkpoint(latest_checkpoint(server.models / "tiny"))).eval()
+    expected = "".join(generate(model, encode(prompt), SamplingParams(temperature=0, max_tokens=12)))  # no template
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    assert reply.object == "text_completion" and reply.id.startswith("cmpl-")
+    assert reply.choices[0].text == expected and reply.choices[0].finish_reason == "length"
+    assert reply.choices[0].index == 0 and reply.choices[0].logprobs is None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(encode(prompt)), 12)
+    # the same prompt as token ids, or as an array of one string
+    assert client.completions.create(model="tiny", prompt=encode(prompt), max_tokens=12, temperature=0).choices[0].text == expected
+    assert client.completions.create(model="tiny", prompt=[prompt], max_tokens=12, temperature=0).choices[0].text == expected
+    # streamed: the same text, then the finish reason, the usage and [DONE]
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    # echo puts the prompt first; with max_tokens 0 it is all there is
+    echoed = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, echo=True)
+    assert echoed.choices[0].text == prompt + expected
+    only = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True)
+    assert only.choices[0].text == prompt and only.usage.completion_tokens == 0
+    streamed = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, echo=True, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == prompt + expected
+    # a seed makes a sampled completion reproducible; stop strings end it
+    a, b = (client.completions.create(model="tiny", prompt=prompt, max_tokens=12, seed=7, temperature=1).choices[0].text
+            for _ in range(2))
+    assert a == b
+    cut = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stop=[expected[3:6]])
+    assert cut.choices[0].text == expected[: expected.index(expected[3:6])] and cut.choices[0].finish_reason == "stop"
+
+
+def test_text_completion_refuses_what_it_cannot_do(client):
+    for kwargs, param in [({"suffix": "end"}, "suffix"), ({"prompt": ["one", "two"]}, "prompt"),
+                          ({"prompt": [50257]}, "prompt"), ({"n": 2}, "n"), ({"logprobs": 6}, "logprobs"),
+                          ({"max_tokens": -1}, "max_tokens"), ({"prompt": "lorem " * 1100}, "prompt")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**({"model": "tiny", "prompt": "Hello"} | kwargs))
+        assert e.value.body["param"] == param, kwargs
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="Hello")
+
+
+def tiny_model(server):
+    return model_from_checkpoint(load_checkpoint(latest_checkpoint(server.models / "tiny"))).eval()
+
+
+def test_echo_with_logprobs_scores_every_prompt_token_as_a_forward_pass_does(server, client):
+    prompt = encode("Paris is the capital of France, and the Seine runs through it.")
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    scored = reply.choices[0].logprobs
+    with torch.no_grad():
+        expected = tiny_model(server)(torch.tensor([prompt]))[0][0, :-1, :VOCAB_SIZE].log_softmax(-1)
+    assert scored.token_logprobs[0] is None and scored.top_logprobs[0] is None
+    assert scored.token_logprobs[1:] == pytest.approx([expected[i, t].item() for i, t in enumerate(prompt[1:])], abs=1e-4)
+    assert "".join(scored.tokens) == reply.choices[0].text and scored.text_offset[1] == len(scored.tokens[0])
+    assert reply.usage.completion_tokens == 0
+
+
+def test_summed_logprobs_of_an_ending_are_hellaswags_loss(server, client):
+    """How lm-evaluation-harness's local-completions backend scores a choice: the prompt's logprobs."""
+    example = Example(0, "A man is sitting on a roof. He", ["is using wrap to wrap a pair of skis.",
+                      "is ripping level tiles off.", "is holding a rubik's cube.", "starts pulling up roofing."], 3)
+    expected = score(tiny_model(server), [example], torch.device("cpu"))[0]["losses_sum"]
+    context = encode(example.ctx)
+    for ending, loss in zip(example.endings, expected):
+        tokens = encode(" " + ending)
+        reply = client.completions.create(model="tiny", prompt=context + tokens, max_tokens=0, echo=True, logprobs=0)
+        assert -sum(reply.choices[0].logprobs.token_logprobs[-len(tokens):]) == pytest.approx(loss, rel=1e-4)
+
+
+def test_chat_logprobs_streamed_or_not(client):
+    kwargs = {"model": "tiny", "messages": HI, "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 5}
+    reply = client.chat.completions.create(**kwargs)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == 6 and "".join(c.token for c in content) == reply.choices[0].message.content
+    for c in content:
+        tops = [t.logprob for t in c.top_logprobs]
+        assert len(tops) == 5 and tops == sorted(tops, reverse=True) and sum(math.exp(t) for t in tops) <= 1
+        assert c.top_logprobs[0].token == c.token and c.top_logprobs[0].logprob == c.logprob  # greedy: the likeliest
+        assert bytes(c.bytes).decode("utf-8", errors="replace") == c.token
+    streamed = [e for chunk in client.chat.completions.create(**kwargs, stream=True) if chunk.choices
+                and chunk.choices[0].logprobs for e in chunk.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(c.token, c.logprob) for c in content]
+    assert client.chat.completions.create(model="tiny", messages=HI, max_tokens=2).choices[0].logprobs is None
+    for bad, param in [({"top_logprobs": 21}, "top_logprobs"), ({"logprobs": False, "top_logprobs": 2}, "top_logprobs")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**(kwargs | bad))
+        assert e.value.body["param"] == param
 
 
 # --- under load

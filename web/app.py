@@ -1,5 +1,5 @@
-"""The OpenAI-compatible server: /v1/models, /v1/chat/completions (streaming or not), /health,
-/metrics (Prometheus, web/metrics.py) and the chat page at /.
+"""The OpenAI-compatible server: /v1/models, /v1/chat/completions and /v1/completions (streaming or
+not), /health, /metrics (Prometheus, web/metrics.py) and the chat page at /.
 
     gunicorn -c gunicorn_config.py web.app:app                 # what users run (gevent workers)
     NANOGPT_API_KEYS=sk-local-1 gunicorn -c gunicorn_config.py web.app:app
@@ -26,14 +26,15 @@ from dataclasses import dataclass, replace
 from flask import Flask, Response, g, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from model.engine import DEFAULT_TEMPERATURE
+from model.engine import DEFAULT_TEMPERATURE, SamplingParams
 from model.prompt import MAX_TOKEN_BYTES, fit_turns, history_budget, prompt_tokens
 from model.text_stream import TextStream
 from model.tokenizer import get_tokenizer
-from web.chat_request import APIError, parse_body, parse_chat_request
+from web.chat_request import APIError, parse_body, parse_chat_request, parse_text_request
+from web.logprobs import Scored, chat_logprobs, text_logprobs
 from web.metrics import ServerMetrics
 from web.registry import ModelRegistry
-from web.scheduler import KEEPALIVE, EngineError, Overloaded, Request
+from web.scheduler import KEEPALIVE, EngineError, Overloaded, Request, Scheduler
 
 log = logging.getLogger("gunicorn.error")  # under gunicorn: its error log; elsewhere warnings reach stderr
 
@@ -181,21 +182,71 @@ def create_app(config: ServerConfig | None = None) -> Flask:
             raise model_not_found(model_id)
         return jsonify(model_object(info, registry.kind(info)))
 
-    @app.post("/v1/chat/completions")
-    def chat_completions():
-        chat = parse_chat_request(parse_body(request.get_data(cache=False)))
-        info = registry.find(chat.model)
+    def loaded_scheduler(model: str) -> Scheduler:
+        """The scheduler of a served model, loaded (waiting for it if another request is loading it)."""
+        info = registry.find(model)
         if info is None:
-            raise model_not_found(chat.model)
-        g.model = chat.model
+            raise model_not_found(model)
+        g.model = model
         try:
             scheduler = registry.scheduler(info)
             scheduler.loaded.get()
         except Overloaded as e:
-            metrics.rejection(chat.model)
+            metrics.rejection(model)
             raise overloaded(e) from None
         except Exception as e:
-            raise APIError(500, f"Model {chat.model!r} could not be loaded from {info.checkpoint}: {e}") from None
+            raise APIError(500, f"Model {model!r} could not be loaded from {info.checkpoint}: {e}") from None
+        return scheduler
+
+    def submit(scheduler: Scheduler, model: str, prompt: list[int], params: SamplingParams, text: bool) -> Completion:
+        """Queue a prompt; its Completion, whose cost the access log reads."""
+        try:
+            req = scheduler.submit(prompt, params)
+        except Overloaded as e:
+            metrics.rejection(model)
+            raise overloaded(e) from None
+        except EngineError as e:
+            raise APIError(500, str(e)) from None
+        completion = Completion(req, model, params.stop, g.started, metrics, text)
+        request.environ["nanogpt.completion"] = completion.cost  # for the access log (web/access_log.py)
+        return completion
+
+    @app.post("/v1/completions")
+    def text_completions():
+        """A raw prompt continued, no template: how a base model is sampled (OpenAI's legacy schema)."""
+        body = parse_text_request(parse_body(request.get_data(cache=False)))
+        scheduler = loaded_scheduler(body.model)
+        context = scheduler.context_length
+        if len(body.prompt) >= context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens, and your prompt has "
+                           f"{len(body.prompt)}: shorten it", param="prompt", code="context_length_exceeded")
+        echo = body.prompt_text if body.echo else ""
+        if body.max_tokens == 0 and not body.params.prompt_logprobs:  # nothing to generate or score: the prompt alone
+            return jsonify(text_completion_body(f"cmpl-{uuid.uuid4().hex}", body.model, echo, "length",
+                                                {"prompt_tokens": len(body.prompt), "completion_tokens": 0,
+                                                 "total_tokens": len(body.prompt)}))
+        params = replace(body.params, max_tokens=min(body.max_tokens, context - len(body.prompt)))
+        completion = submit(scheduler, body.model, body.prompt, params, text=True)
+        if body.stream:
+            return stream_response(completion, body.include_usage, config.keepalive, echo)
+        text = collect(completion)
+        logprobs = completion.logprobs(completion.echo_scored() + completion.scored)
+        return jsonify(text_completion_body(completion.id, body.model, echo + text, completion.finish_reason,
+                                            completion.usage(), completion.created, logprobs))
+
+    def collect(completion: Completion) -> str:
+        """The whole text of a completion that is not streamed."""
+        try:
+            return "".join(d for d in completion.deltas(config.keepalive) if d is not KEEPALIVE)
+        except EngineError as e:
+            raise APIError(500, f"Generation failed: {e}") from None
+        finally:
+            completion.end()
+
+    @app.post("/v1/chat/completions")
+    def chat_completions():
+        chat = parse_chat_request(parse_body(request.get_data(cache=False)))
+        scheduler = loaded_scheduler(chat.model)
 
         context = scheduler.context_length
         if chat.turns[-1].text_bytes() > context * MAX_TOKEN_BYTES:  # cannot fit: spare the hub the encoding
@@ -212,24 +263,10 @@ def create_app(config: ServerConfig | None = None) -> Flask:
                      len(chat.turns), context)
         room = context - len(prompt)  # a larger max_tokens is clamped: finish_reason "length" says so
         params = replace(chat.params, max_tokens=min(chat.max_tokens or room, room))
-        try:
-            req = scheduler.submit(prompt, params)
-        except Overloaded as e:
-            metrics.rejection(chat.model)
-            raise overloaded(e) from None
-        except EngineError as e:
-            raise APIError(500, str(e)) from None
-
-        completion = Completion(req, chat.model, params.stop, g.started, metrics)
-        request.environ["nanogpt.completion"] = completion.cost  # for the access log (web/access_log.py)
+        completion = submit(scheduler, chat.model, prompt, params, text=False)
         if chat.stream:
             return stream_response(completion, chat.include_usage, config.keepalive)
-        try:
-            text = "".join(d for d in completion.deltas(config.keepalive) if d is not KEEPALIVE)
-        except EngineError as e:
-            raise APIError(500, f"Generation failed: {e}") from None
-        finally:
-            completion.end()
+        text = collect(completion)
         return jsonify(
             {
                 "id": completion.id,
@@ -240,7 +277,7 @@ def create_app(config: ServerConfig | None = None) -> Flask:
                     {
                         "index": 0,
                         "message": {"role": "assistant", "content": text, "refusal": None},
-                        "logprobs": None,
+                        "logprobs": completion.logprobs(completion.scored),
                         "finish_reason": completion.finish_reason,
                     }
                 ],
@@ -259,9 +296,11 @@ class Completion:
     and usage are the same by construction. end() frees the request's row and reports the cost
     once: to the metrics, and in `cost`, the fields of its access log line."""
 
-    def __init__(self, req: Request, model: str, stop: tuple[str, ...], started: float, metrics: ServerMetrics):
-        self.req, self.model, self.started, self.metrics = req, model, started, metrics
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+    def __init__(self, req: Request, model: str, stop: tuple[str, ...], started: float, metrics: ServerMetrics,
+                 text: bool = False):
+        """text: a /v1/completions response (text_completion objects), else a chat completion."""
+        self.req, self.model, self.started, self.metrics, self.text_mode = req, model, started, metrics, text
+        self.id = f"{'cmpl' if text else 'chatcmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.text = TextStream(stop)
         self.finish_reason: str | None = None
@@ -269,6 +308,9 @@ class Completion:
         self.ttft: float | None = None
         self.cost = {"model": model, "prompt_tokens": len(req.prompt), "completion_tokens": 0, "ttft_s": None,
                      "finish_reason": None}
+        self.scored: list[Scored] = []  # tokens read so far with their log-probabilities, if asked for
+        self.sent = 0  # of them, how many a streamed chunk carried
+        self.offset = 0  # where the next scored token starts in a text completion's text (text_offset)
 
     def deltas(self, keepalive: float) -> Iterator[str | object]:
         """Text deltas (never a broken character or part of a stop string), and KEEPALIVE when idle."""
@@ -280,6 +322,8 @@ class Completion:
                 self.ttft = self.cost["ttft_s"] = round(time.monotonic() - self.started, 4)
             self.completion_tokens += 1
             self.cost["completion_tokens"] = self.completion_tokens
+            if self.req.params.logprobs is not None:
+                self.scored.append((item, self.req.seq.logprobs[len(self.scored)]))
             if delta := self.text.push(item):
                 yield delta
             if self.text.stopped:  # a stop string: the rest is not wanted, free the row now
@@ -307,18 +351,53 @@ class Completion:
         prompt = len(self.req.prompt)
         return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens, "total_tokens": prompt + self.completion_tokens}
 
-    def chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
+    def echo_scored(self) -> list[Scored]:
+        """The prompt's tokens with their log-probabilities, where the request asked for echo and logprobs."""
+        return list(zip(self.req.prompt, self.req.seq.prompt_logprobs)) if self.req.params.prompt_logprobs else []
+
+    def logprobs(self, scored: list[Scored]) -> dict | None:
+        """These tokens' `logprobs` object, chat or legacy (None when the request asked for none)."""
+        if self.req.params.logprobs is None:
+            return None
+        if not self.text_mode:
+            return chat_logprobs(scored)
+        figures = text_logprobs(scored, self.offset)
+        self.offset = figures["text_offset"][-1] + len(figures["tokens"][-1]) if scored else self.offset
+        return figures
+
+    def unsent(self) -> list[Scored]:
+        """The scored tokens no streamed chunk has carried yet."""
+        scored, self.sent = self.scored[self.sent :], len(self.scored)
+        return scored
+
+    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False,
+              scored: list[Scored] = ()) -> dict:
+        """One streamed event: a chat delta ({"role"} and/or {"content"}) or a text completion's text,
+        with the log-probabilities of the tokens it carries."""
+        logprobs = self.logprobs(list(scored)) if scored else None
+        if self.text_mode:
+            return text_completion_body(self.id, self.model, text or "", finish_reason, None, self.created, logprobs)
+        delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
         return {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
         }
 
 
-def stream_response(completion: Completion, include_usage: bool, keepalive: float) -> Response:
-    """Server-sent events as OpenAI sends them: role, content deltas, finish, [usage], [DONE].
+def text_completion_body(id: str, model: str, text: str, finish_reason: str | None, usage: dict | None,
+                         created: int | None = None, logprobs: dict | None = None) -> dict:
+    """A text_completion object (one choice): a whole response, or one streamed event of one."""
+    body = {"id": id, "object": "text_completion", "created": created or int(time.time()), "model": model,
+            "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    return body | ({"usage": usage} if usage is not None else {})
+
+
+def stream_response(completion: Completion, include_usage: bool, keepalive: float, echo: str = "") -> Response:
+    """Server-sent events as OpenAI sends them: role (chat) or the echoed prompt (text, if any),
+    content deltas, finish, [usage], [DONE].
 
     A client that hangs up surfaces as GeneratorExit at the next write (a keepalive comment at the
     latest), and the finally clause frees its row; call_on_close covers a stream never started."""
@@ -329,12 +408,22 @@ def stream_response(completion: Completion, include_usage: bool, keepalive: floa
 
     def events() -> Iterator[str]:
         try:
-            yield event(completion.chunk({"role": "assistant", "content": ""}) | extra)
+            if not completion.text_mode:
+                yield event(completion.chunk("", role=True) | extra)
+            echoed = not echo  # the echoed prompt goes first, once its tokens are scored (the first token is in)
             for delta in completion.deltas(keepalive):
-                yield ": keepalive\n\n" if delta is KEEPALIVE else event(completion.chunk({"content": delta}) | extra)
-            yield event(completion.chunk({}, completion.finish_reason) | extra)
+                if delta is KEEPALIVE:
+                    yield ": keepalive\n\n"
+                    continue
+                if not echoed:
+                    yield event(completion.chunk(echo, scored=completion.echo_scored()) | extra)
+                    echoed = True
+                yield event(completion.chunk(delta, scored=completion.unsent()) | extra)
+            if not echoed:
+                yield event(completion.chunk(echo, scored=completion.echo_scored()) | extra)
+            yield event(completion.chunk(None, completion.finish_reason, scored=completion.unsent()) | extra)
             if include_usage:
-                yield event(completion.chunk({}) | {"choices": [], "usage": completion.usage()})
+                yield event(completion.chunk(None) | {"choices": [], "usage": completion.usage()})
             yield "data: [DONE]\n\n"
         except EngineError as e:  # headers are sent: the error goes in the stream, and it ends
             yield event(APIError(500, f"Generation failed: {e}").body())

@@ -1,4 +1,5 @@
-"""Reading an OpenAI chat completion request: every field checked before anything is generated.
+"""Reading an OpenAI completion request, chat (/v1/chat/completions) or text (/v1/completions): every
+field checked before anything is generated.
 
 The rule (../shared/openai_contract.md §4): hints may be ignored, but a parameter that changes the
 shape of the response is honoured or refused with 400, never silently ignored. Unknown fields are
@@ -8,10 +9,11 @@ ignored and an explicit null means the default, as OpenAI's own API does.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from model.engine import DEFAULT_TEMPERATURE, SamplingParams
+from model.engine import DEFAULT_TEMPERATURE, MAX_LOGPROBS, SamplingParams
 from model.prompt import ChatError, Turn, chat_turns, check_awaiting
+from model.tokenizer import EOT, VOCAB_SIZE, decode, encode
 
 MAX_STOP_STRINGS = 4
 
@@ -53,6 +55,20 @@ class ChatRequest:
     include_usage: bool
 
 
+@dataclass(frozen=True)
+class TextRequest:
+    """A validated /v1/completions request: a raw prompt, no template. max_tokens 0 only echoes."""
+
+    model: str
+    prompt: list[int]  # token ids; an empty prompt is <|endoftext|>, as GPT-2 samples unconditionally
+    prompt_text: str  # what `echo` puts before the completion
+    params: SamplingParams
+    max_tokens: int
+    stream: bool
+    include_usage: bool
+    echo: bool
+
+
 def parse_body(data: bytes) -> dict:
     """The request body as a JSON object, or 400."""
     try:
@@ -84,13 +100,68 @@ def parse_chat_request(body: dict) -> ChatRequest:
         max_tokens = _integer(body, "max_completion_tokens", 1)
 
     _refuse_unsupported(body)
+    stream, include_usage = _streaming(body)
+    logprobs, top = _boolean(body, "logprobs"), _integer(body, "top_logprobs", 0)
+    if top is not None and top > MAX_LOGPROBS:
+        raise invalid(f"'top_logprobs' must be between 0 and {MAX_LOGPROBS}, got {top}", "top_logprobs")
+    if top and not logprobs:
+        raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    params = replace(_sampling(body), logprobs=(top or 0) if logprobs else None)
+    return ChatRequest(model, turns, params, max_tokens, stream, include_usage)
+
+
+TEXT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+TEXT_MAX_LOGPROBS = 5  # the legacy endpoint's limit
+
+
+def parse_text_request(body: dict) -> TextRequest:
+    """Check every field of a /v1/completions body (OpenAI's legacy schema); raises APIError(400)."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("'model' is required: one of the ids GET /v1/models lists", "model")
+    prompt, prompt_text = _prompt(body.get("prompt"))
+    if body.get("suffix") not in (None, ""):
+        raise invalid("'suffix' (insertion) is not supported: this model only continues text", "suffix")
+    max_tokens = _integer(body, "max_tokens", 0)
+    max_tokens = TEXT_MAX_TOKENS if max_tokens is None else max_tokens
+    echo = _boolean(body, "echo")
+    _refuse_unsupported(body)
+    stream, include_usage = _streaming(body)
+    logprobs = _integer(body, "logprobs", 0)
+    if logprobs is not None and logprobs > TEXT_MAX_LOGPROBS:
+        raise invalid(f"'logprobs' must be between 0 and {TEXT_MAX_LOGPROBS}, got {logprobs}", "logprobs")
+    # with echo, the prompt's tokens are scored too: how evaluation harnesses read a prompt's likelihood
+    params = replace(_sampling(body), logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
+    return TextRequest(model, prompt, prompt_text, params, max_tokens, stream, include_usage, echo)
+
+
+def _prompt(prompt: object) -> tuple[list[int], str]:
+    """The prompt's token ids and text: a string, an array of token ids, or an array holding one of them."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return (encode(prompt) or [EOT]), prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if not all(0 <= t < VOCAB_SIZE for t in prompt):
+            raise invalid(f"'prompt' token ids must be between 0 and {VOCAB_SIZE - 1}", "prompt")
+        return list(prompt), decode(prompt)
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise invalid("Only one prompt per request is supported: send one request per prompt", "prompt")
+    raise invalid("'prompt' must be a string, an array of token ids, or an array of one of them", "prompt")
+
+
+def _streaming(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage) of a body."""
     stream = _boolean(body, "stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise invalid("'stream_options' must be an object", "stream_options")
-    include_usage = stream and options is not None and _boolean(options, "include_usage", "stream_options.include_usage")
+    return stream, stream and options is not None and _boolean(options, "include_usage", "stream_options.include_usage")
 
-    params = SamplingParams(
+
+def _sampling(body: dict) -> SamplingParams:
+    """The sampling parameters both endpoints share (max_tokens is set once the prompt's room is known)."""
+    return SamplingParams(
         temperature=_number(body, "temperature", 0.0, 2.0, DEFAULT_TEMPERATURE),
         top_p=_number(body, "top_p", 0.0, 1.0, 1.0),
         top_k=_integer(body, "top_k", 0) or 0,  # not OpenAI's, but many clients send it
@@ -99,7 +170,6 @@ def parse_chat_request(body: dict) -> ChatRequest:
         seed=_seed(body),
         stop=_stop(body),
     )
-    return ChatRequest(model, turns, params, max_tokens, stream, include_usage)
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -109,10 +179,6 @@ def _refuse_unsupported(body: dict) -> None:
         raise invalid("'n' must be an integer >= 1", "n")
     if n is not None and n > 1:
         raise invalid("Only n=1 is supported: send n requests for n choices", "n")
-    if body.get("logprobs") not in (None, False):
-        raise invalid("logprobs are not supported by this server", "logprobs")
-    if body.get("top_logprobs") not in (None, 0):
-        raise invalid("top_logprobs are not supported by this server", "top_logprobs")
     response_format = body.get("response_format")
     if response_format is not None:
         if not isinstance(response_format, dict) or "type" not in response_format:

@@ -57,7 +57,8 @@ class ChatRequest:
 
 @dataclass(frozen=True)
 class TextRequest:
-    """A validated /v1/completions request: a raw prompt, no template. max_tokens 0 only echoes."""
+    """A validated /v1/completions request: a raw prompt, no template. max_tokens 0 generates nothing
+    (the echoed prompt alone, scored with logprobs)."""
 
     model: str
     prompt: list[int]  # token ids; an empty prompt is <|endoftext|>, as GPT-2 samples unconditionally

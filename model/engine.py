@@ -55,6 +55,9 @@ class SamplingParams:
     # None = none; k = each generated token's and its k likeliest alternatives (0 to MAX_LOGPROBS)
     logprobs: int | None = None
     prompt_logprobs: bool = False  # also every prompt token's after the first (with `logprobs` alternatives)
+    # completions of the prompt: its prefill is shared, then the n continue in rows of their own; with a
+    # seed, completion i samples as a lone request seeded seed + i would
+    n: int = 1
 
 
 @dataclass(eq=False)
@@ -71,6 +74,7 @@ class Sequence:
     row: int = -1  # its cache row while in the engine
     finish_reason: str | None = None  # "stop" (<|endoftext|>) or "length" (max_tokens or a full context)
     generator: torch.Generator | None = None
+    siblings: list[Sequence] = field(default_factory=list)  # completions 1..n-1, once the prompt is in
 
     @property
     def prefilled(self) -> bool:
@@ -113,13 +117,16 @@ class Engine:
 
     # --- admission and removal
 
-    def has_room(self) -> bool:
-        """Whether a new request can start prefilling now."""
-        return self.prefilling is None and len(self.rows) < self.max_rows
+    def has_room(self, rows: int = 1) -> bool:
+        """Whether a new request of `rows` completions (SamplingParams.n) can start prefilling now."""
+        return self.prefilling is None and len(self.rows) + rows <= self.max_rows
 
     def start(self, prompt: list[int], params: SamplingParams) -> Sequence:
-        """Place a request in the free row; prefill_step() then feeds its prompt."""
-        if not self.has_room():
+        """Place a request in the free row; prefill_step() then feeds its prompt. With n > 1 the rows
+        after it are kept for the other completions, which appear in seq.siblings when the prompt is in."""
+        if not 1 <= params.n <= self.max_rows:
+            raise ValueError(f"n must be 1 to {self.max_rows} (the engine's rows)")
+        if not self.has_room(params.n):
             raise RuntimeError("no free row: check has_room() first")
         if not 1 <= len(prompt) <= self.max_len:
             raise ValueError(f"a prompt must have 1 to {self.max_len} tokens, got {len(prompt)}")
@@ -181,8 +188,22 @@ class Engine:
             seq.finish_reason = "length"
             self.release(seq)
             return seq
-        self._sample(logits, [seq])
+        group = [seq] + [self._sibling(seq, i) for i in range(1, seq.params.n)]
+        self._sample(logits.expand(len(group), -1), group)
         return seq
+
+    def _sibling(self, seq: Sequence, i: int) -> Sequence:
+        """Completion i of a prefilled prompt: a copy of its cache in the next free row."""
+        sibling = Sequence(prompt=seq.prompt, params=seq.params, cached=seq.cached, row=len(self.rows),
+                           prompt_logprobs=seq.prompt_logprobs)
+        if seq.params.seed is not None:
+            sibling.generator = torch.Generator(self.device).manual_seed((seq.params.seed + i) % 2**64)
+        self.k[:, sibling.row, :, : seq.cached] = self.k[:, seq.row, :, : seq.cached]
+        self.v[:, sibling.row, :, : seq.cached] = self.v[:, seq.row, :, : seq.cached]
+        self.counts[sibling.row].zero_()
+        self.rows.append(sibling)
+        seq.siblings.append(sibling)
+        return sibling
 
     @torch.inference_mode()
     def decode_step(self) -> list[Sequence]:

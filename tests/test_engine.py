@@ -206,6 +206,30 @@ def test_logprobs_are_the_models_own(model):
         [full[len(prompt) - 1 + j, t].item() for j, t in enumerate(hot.output)], abs=1e-5)
 
 
+def test_n_completions_share_one_prefill(model):
+    """Completion i of n is what a lone request seeded seed + i gives; greedy, all n are the lone one."""
+    engine = Engine(model, max_rows=4, prefill_chunk=8)
+    prompt = PROMPTS[3]
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=11, n=3)
+    lead = engine.start(prompt, params)
+    forwards = 0
+    while engine.prefill_step() is None:
+        forwards += 1
+    assert forwards + 1 == -(-len(prompt) // 8)  # the prompt was fed once, not three times
+    group = [lead, *lead.siblings]
+    assert len(group) == 3 and len({s.row for s in group}) == 3
+    while any(s.finish_reason is None for s in group):
+        engine.decode_step()
+    alone = [run_alone(Engine(model, max_rows=1), prompt, SamplingParams(max_tokens=10, temperature=1.0, seed=11 + i))
+             for i in range(3)]
+    assert [s.output for s in group] == alone and len({tuple(a) for a in alone}) > 1
+    greedy = finish(engine, prompt, SamplingParams(max_tokens=10, temperature=0, n=3))
+    assert [s.output for s in [greedy, *greedy.siblings]] == [run_alone(Engine(model, max_rows=1), prompt, GREEDY)[:10]] * 3
+    assert engine.has_room(4)  # every row free again
+    with pytest.raises(ValueError):
+        engine.start(prompt, SamplingParams(n=5))
+
+
 def test_text_stream_never_splits_a_character():
     sample = "naïve café — 日本語のテキスト 😀👍🏽 and 한국어"
     tokens = encode(sample)

@@ -137,8 +137,8 @@ def test_access_log_says_what_a_stream_cost_and_nothing_private(server):
 def test_access_line_of_a_stream_cut_off_by_its_client():
     environ = {"REMOTE_ADDR": "10.0.0.7", "REQUEST_METHOD": "POST", "PATH_INFO": "/v1/chat/completions",
                "QUERY_STRING": "key=sk-in-the-url", "HTTP_AUTHORIZATION": "Bearer sk-secret",
-               "nanogpt.completion": {"model": "m", "prompt_tokens": 9, "completion_tokens": 3, "ttft_s": 0.05,
-                                      "finish_reason": None}}
+               "nanogpt.completion": [{"model": "m", "prompt_tokens": 9, "completion_tokens": 3, "ttft_s": 0.05,
+                                       "finish_reason": None}]}
     line = access_line(environ, 200, 1.23456, now=0.5)
     assert json.loads(line) == {"time": "1970-01-01T00:00:00.500Z", "remote": "10.0.0.7", "method": "POST",
                                 "path": "/v1/chat/completions", "status": 200, "duration_s": 1.2346, "model": "m",

@@ -24,6 +24,7 @@ import torch
 from serving import ECHO_PROMPT, ECHO_REPLY, gunicorn_server, write_echo_model, write_model, write_nan_model
 from model.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
 from model.engine import SamplingParams, generate
+from model.prompt import chat_turns, prompt_tokens
 from model.gpt import GPTConfig
 from model.tokenizer import VOCAB_SIZE, encode
 from eval.hellaswag import Example, score
@@ -269,7 +270,7 @@ def test_seed_makes_sampling_reproducible(client):
         ({"model": "tiny", "messages": HI, "max_completion_tokens": 2.5}, "max_completion_tokens"),
         ({"model": "tiny", "messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"model": "tiny", "messages": HI, "stop": 3}, "stop"),
-        ({"model": "tiny", "messages": HI, "n": 2}, "n"),
+        ({"model": "tiny", "messages": HI, "n": 9}, "n"),
         ({"model": "tiny", "messages": HI, "logprobs": "yes"}, "logprobs"),
         ({"model": "tiny", "messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
         ({"model": "tiny", "messages": HI, "tool_choice": "required"}, "tool_choice"),
@@ -400,7 +401,7 @@ def test_text_completion_continues_the_raw_prompt(server, client):
 
 def test_text_completion_refuses_what_it_cannot_do(client):
     for kwargs, param in [({"suffix": "end"}, "suffix"), ({"prompt": ["one", "two"]}, "prompt"),
-                          ({"prompt": [50257]}, "prompt"), ({"n": 2}, "n"), ({"logprobs": 6}, "logprobs"),
+                          ({"prompt": [50257]}, "prompt"), ({"n": 9}, "n"), ({"logprobs": 6}, "logprobs"),
                           ({"max_tokens": -1}, "max_tokens"), ({"prompt": "lorem " * 1100}, "prompt")]:
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(**({"model": "tiny", "prompt": "Hello"} | kwargs))
@@ -455,6 +456,36 @@ def test_chat_logprobs_streamed_or_not(client):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(**(kwargs | bad))
         assert e.value.body["param"] == param
+
+
+def test_n_choices_decode_together(client):
+    """n choices: with a seed, choice i is what a lone request seeded seed + i gives; greedy, all n
+    are the lone answer; streamed, each choice's chunks carry its index and add up to its text."""
+    ask = {"model": "tiny", "messages": HI, "max_tokens": 12}
+    reply = client.chat.completions.create(**ask, n=3, seed=5, temperature=1)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    alone = [client.chat.completions.create(**ask, seed=5 + i, temperature=1).choices[0].message.content for i in range(3)]
+    assert [c.message.content for c in reply.choices] == alone and len(set(alone)) > 1
+    assert reply.usage.completion_tokens == 3 * 12 and reply.usage.prompt_tokens == len(prompt_tokens(chat_turns(HI)))
+    greedy = client.chat.completions.create(**ask, temperature=0).choices[0].message.content
+    assert [c.message.content for c in client.chat.completions.create(**ask, n=3, temperature=0).choices] == [greedy] * 3
+    texts, finished = ["", "", ""], {}
+    for chunk in client.chat.completions.create(**ask, n=3, temperature=0, stream=True, stream_options={"include_usage": True}):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+        if chunk.usage:
+            assert chunk.usage.completion_tokens == 36
+    assert texts == [greedy] * 3 and finished == {0: "length", 1: "length", 2: "length"}
+    # the same for text completions
+    base = client.completions.create(model="tiny", prompt="Once upon", max_tokens=6, temperature=0).choices[0].text
+    two = client.completions.create(model="tiny", prompt="Once upon", max_tokens=6, temperature=0, n=2, echo=True)
+    assert [(c.index, c.text) for c in two.choices] == [(0, "Once upon" + base), (1, "Once upon" + base)]
+    streamed = ["", ""]
+    for chunk in client.completions.create(model="tiny", prompt="Once upon", max_tokens=6, temperature=0, n=2, stream=True):
+        streamed[chunk.choices[0].index] += chunk.choices[0].text
+    assert streamed == [base, base]
 
 
 # --- under load

@@ -23,6 +23,8 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
+import gevent
+import gevent.queue
 from flask import Flask, Response, g, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
@@ -198,8 +200,11 @@ def create_app(config: ServerConfig | None = None) -> Flask:
             raise APIError(500, f"Model {model!r} could not be loaded from {info.checkpoint}: {e}") from None
         return scheduler
 
-    def submit(scheduler: Scheduler, model: str, prompt: list[int], params: SamplingParams, text: bool) -> Completion:
-        """Queue a prompt; its Completion, whose cost the access log reads."""
+    def submit(scheduler: Scheduler, model: str, prompt: list[int], params: SamplingParams, text: bool) -> list[Completion]:
+        """Queue a prompt; a Completion per choice (n), whose costs the access log reads."""
+        if params.n > scheduler.max_rows:
+            raise APIError(400, f"'n' can be at most {scheduler.max_rows} here (NANOGPT_MAX_ROWS: each choice takes a "
+                           "row of the batch)", param="n")
         try:
             req = scheduler.submit(prompt, params)
         except Overloaded as e:
@@ -207,9 +212,21 @@ def create_app(config: ServerConfig | None = None) -> Flask:
             raise overloaded(e) from None
         except EngineError as e:
             raise APIError(500, str(e)) from None
-        completion = Completion(req, model, params.stop, g.started, metrics, text)
-        request.environ["nanogpt.completion"] = completion.cost  # for the access log (web/access_log.py)
-        return completion
+        first = Completion(req, model, params.stop, g.started, metrics, text)
+        completions = [first] + [Completion(r, model, params.stop, g.started, metrics, text, i, first.id)
+                                 for i, r in enumerate(req.choices[1:], 1)]
+        request.environ["nanogpt.completion"] = [c.cost for c in completions]  # for the access log (web/access_log.py)
+        return completions
+
+    def collect(completions: list[Completion]) -> list[str]:
+        """The whole text of each choice of a response that is not streamed."""
+        try:
+            return ["".join(d for d in c.deltas(config.keepalive) if d is not KEEPALIVE) for c in completions]
+        except EngineError as e:
+            raise APIError(500, f"Generation failed: {e}") from None
+        finally:
+            for c in completions:
+                c.end()
 
     @app.post("/v1/completions")
     def text_completions():
@@ -222,26 +239,18 @@ def create_app(config: ServerConfig | None = None) -> Flask:
                            f"{len(body.prompt)}: shorten it", param="prompt", code="context_length_exceeded")
         echo = body.prompt_text if body.echo else ""
         if body.max_tokens == 0 and not body.params.prompt_logprobs:  # nothing to generate or score: the prompt alone
-            return jsonify(text_completion_body(f"cmpl-{uuid.uuid4().hex}", body.model, echo, "length",
-                                                {"prompt_tokens": len(body.prompt), "completion_tokens": 0,
-                                                 "total_tokens": len(body.prompt)}))
+            choices = [text_choice(i, echo, "length", None) for i in range(body.params.n)]
+            return jsonify(text_completion_body(f"cmpl-{uuid.uuid4().hex}", body.model, choices, usage([], len(body.prompt))))
         params = replace(body.params, max_tokens=min(body.max_tokens, context - len(body.prompt)))
-        completion = submit(scheduler, body.model, body.prompt, params, text=True)
+        completions = submit(scheduler, body.model, body.prompt, params, text=True)
         if body.stream:
-            return stream_response(completion, body.include_usage, config.keepalive, echo)
-        text = collect(completion)
-        logprobs = completion.logprobs(completion.echo_scored() + completion.scored)
-        return jsonify(text_completion_body(completion.id, body.model, echo + text, completion.finish_reason,
-                                            completion.usage(), completion.created, logprobs))
-
-    def collect(completion: Completion) -> str:
-        """The whole text of a completion that is not streamed."""
-        try:
-            return "".join(d for d in completion.deltas(config.keepalive) if d is not KEEPALIVE)
-        except EngineError as e:
-            raise APIError(500, f"Generation failed: {e}") from None
-        finally:
-            completion.end()
+            return stream_response(completions, body.include_usage, config.keepalive, echo)
+        texts = collect(completions)
+        choices = [text_choice(c.index, echo + text, c.finish_reason, c.logprobs(c.echo_scored() + c.scored))
+                   for c, text in zip(completions, texts)]
+        first = completions[0]
+        return jsonify(text_completion_body(first.id, body.model, choices, usage(completions, len(body.prompt)),
+                                            first.created))
 
     @app.post("/v1/chat/completions")
     def chat_completions():
@@ -263,25 +272,27 @@ def create_app(config: ServerConfig | None = None) -> Flask:
                      len(chat.turns), context)
         room = context - len(prompt)  # a larger max_tokens is clamped: finish_reason "length" says so
         params = replace(chat.params, max_tokens=min(chat.max_tokens or room, room))
-        completion = submit(scheduler, chat.model, prompt, params, text=False)
+        completions = submit(scheduler, chat.model, prompt, params, text=False)
         if chat.stream:
-            return stream_response(completion, chat.include_usage, config.keepalive)
-        text = collect(completion)
+            return stream_response(completions, chat.include_usage, config.keepalive)
+        texts = collect(completions)
+        first = completions[0]
         return jsonify(
             {
-                "id": completion.id,
+                "id": first.id,
                 "object": "chat.completion",
-                "created": completion.created,
+                "created": first.created,
                 "model": chat.model,
                 "choices": [
                     {
-                        "index": 0,
+                        "index": c.index,
                         "message": {"role": "assistant", "content": text, "refusal": None},
-                        "logprobs": completion.logprobs(completion.scored),
-                        "finish_reason": completion.finish_reason,
+                        "logprobs": c.logprobs(c.scored),
+                        "finish_reason": c.finish_reason,
                     }
+                    for c, text in zip(completions, texts)
                 ],
-                "usage": completion.usage(),
+                "usage": usage(completions, len(prompt)),
             }
         )
 
@@ -297,10 +308,12 @@ class Completion:
     once: to the metrics, and in `cost`, the fields of its access log line."""
 
     def __init__(self, req: Request, model: str, stop: tuple[str, ...], started: float, metrics: ServerMetrics,
-                 text: bool = False):
-        """text: a /v1/completions response (text_completion objects), else a chat completion."""
+                 text: bool = False, index: int = 0, id: str | None = None):
+        """text: a /v1/completions response (text_completion objects), else a chat completion. index:
+        which choice of the response (n); the choices of one response share its id."""
         self.req, self.model, self.started, self.metrics, self.text_mode = req, model, started, metrics, text
-        self.id = f"{'cmpl' if text else 'chatcmpl'}-{uuid.uuid4().hex}"
+        self.index = index
+        self.id = id or f"{'cmpl' if text else 'chatcmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.text = TextStream(stop)
         self.finish_reason: str | None = None
@@ -347,9 +360,6 @@ class Completion:
         self.metrics.completion(self.model, len(self.req.prompt), self.completion_tokens, self.ttft,
                                 time.monotonic() - self.started, reason)
 
-    def usage(self) -> dict:
-        prompt = len(self.req.prompt)
-        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens, "total_tokens": prompt + self.completion_tokens}
 
     def echo_scored(self) -> list[Scored]:
         """The prompt's tokens with their log-probabilities, where the request asked for echo and logprobs."""
@@ -376,64 +386,101 @@ class Completion:
         with the log-probabilities of the tokens it carries."""
         logprobs = self.logprobs(list(scored)) if scored else None
         if self.text_mode:
-            return text_completion_body(self.id, self.model, text or "", finish_reason, None, self.created, logprobs)
+            choice = text_choice(self.index, text or "", finish_reason, logprobs)
+            return text_completion_body(self.id, self.model, [choice], None, self.created)
         delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
         return {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+            "choices": [{"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
         }
 
 
-def text_completion_body(id: str, model: str, text: str, finish_reason: str | None, usage: dict | None,
-                         created: int | None = None, logprobs: dict | None = None) -> dict:
-    """A text_completion object (one choice): a whole response, or one streamed event of one."""
+def usage(completions: list[Completion], prompt_tokens: int) -> dict:
+    """A response's usage: the prompt once (its choices share it), the tokens of every choice."""
+    generated = sum(c.completion_tokens for c in completions)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated}
+
+
+def text_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def text_completion_body(id: str, model: str, choices: list[dict], usage: dict | None, created: int | None = None) -> dict:
+    """A text_completion object: a whole response, or one streamed event of one."""
     body = {"id": id, "object": "text_completion", "created": created or int(time.time()), "model": model,
-            "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}]}
+            "choices": choices}
     return body | ({"usage": usage} if usage is not None else {})
 
 
-def stream_response(completion: Completion, include_usage: bool, keepalive: float, echo: str = "") -> Response:
-    """Server-sent events as OpenAI sends them: role (chat) or the echoed prompt (text, if any),
-    content deltas, finish, [usage], [DONE].
+def stream_response(completions: list[Completion], include_usage: bool, keepalive: float, echo: str = "") -> Response:
+    """Server-sent events as OpenAI sends them: for each choice its role (chat) or its echoed prompt
+    (text, if any), then content deltas of every choice as they come, each choice's finish, [usage],
+    [DONE].
 
-    A client that hangs up surfaces as GeneratorExit at the next write (a keepalive comment at the
-    latest), and the finally clause frees its row; call_on_close covers a stream never started."""
+    Each choice is read in a greenlet of its own, all into one queue, so the n choices of a request
+    stream together. A client that hangs up surfaces as GeneratorExit at the next write (a keepalive
+    comment at the latest), and the finally clause frees every row; call_on_close covers a stream
+    never started."""
     extra = {"usage": None} if include_usage else {}
+    first = completions[0]
 
     def event(obj: dict) -> str:
         return f"data: {json.dumps(obj)}\n\n"  # ensure_ascii: one ASCII line whatever the text
 
-    def events() -> Iterator[str]:
+    def read(completion: Completion, queue: gevent.queue.Queue) -> None:
         try:
-            if not completion.text_mode:
-                yield event(completion.chunk("", role=True) | extra)
-            echoed = not echo  # the echoed prompt goes first, once its tokens are scored (the first token is in)
             for delta in completion.deltas(keepalive):
-                if delta is KEEPALIVE:
+                queue.put((completion, delta))
+            queue.put((completion, None))  # this choice is done
+        except EngineError as e:
+            queue.put((completion, e))
+
+    def events() -> Iterator[str]:
+        queue: gevent.queue.Queue = gevent.queue.Queue()
+        readers = [gevent.spawn(read, c, queue) for c in completions]
+        echoed = set() if echo else set(completions)  # the echoed prompt goes first, once its tokens are scored
+
+        def echo_first(c: Completion) -> Iterator[str]:
+            if c not in echoed:
+                echoed.add(c)
+                yield event(c.chunk(echo, scored=c.echo_scored()) | extra)
+
+        try:
+            for c in completions if not first.text_mode else ():
+                yield event(c.chunk("", role=True) | extra)
+            running = len(completions)
+            while running:
+                c, item = queue.get()
+                if item is KEEPALIVE:
                     yield ": keepalive\n\n"
-                    continue
-                if not echoed:
-                    yield event(completion.chunk(echo, scored=completion.echo_scored()) | extra)
-                    echoed = True
-                yield event(completion.chunk(delta, scored=completion.unsent()) | extra)
-            if not echoed:
-                yield event(completion.chunk(echo, scored=completion.echo_scored()) | extra)
-            yield event(completion.chunk(None, completion.finish_reason, scored=completion.unsent()) | extra)
+                elif isinstance(item, EngineError):  # headers are sent: the error goes in the stream, and it ends
+                    yield event(APIError(500, f"Generation failed: {item}").body())
+                    return
+                elif item is None:
+                    running -= 1
+                    yield from echo_first(c)
+                    yield event(c.chunk(None, c.finish_reason, scored=c.unsent()) | extra)
+                else:
+                    yield from echo_first(c)
+                    yield event(c.chunk(item, scored=c.unsent()) | extra)
             if include_usage:
-                yield event(completion.chunk(None) | {"choices": [], "usage": completion.usage()})
+                yield event(first.chunk(None) | {"choices": [], "usage": usage(completions, len(first.req.prompt))})
             yield "data: [DONE]\n\n"
-        except EngineError as e:  # headers are sent: the error goes in the stream, and it ends
-            yield event(APIError(500, f"Generation failed: {e}").body())
         finally:
-            completion.end()
+            gevent.killall(readers, block=False)
+            end_all()
+
+    def end_all() -> None:
+        for c in completions:
+            c.end()
 
     response = Response(events(), mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
-    response.call_on_close(completion.end)
+    response.call_on_close(end_all)
     return response
 
 

@@ -16,6 +16,7 @@ from model.prompt import ChatError, Turn, chat_turns, check_awaiting
 from model.tokenizer import EOT, VOCAB_SIZE, decode, encode
 
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 8  # n at most: each choice takes a row of the batch (NANOGPT_MAX_ROWS)
 
 
 class APIError(Exception):
@@ -170,16 +171,21 @@ def _sampling(body: dict) -> SamplingParams:
         frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
         seed=_seed(body),
         stop=_stop(body),
+        n=_choices(body),
     )
+
+
+def _choices(body: dict) -> int:
+    n = body.get("n")
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise invalid(f"'n' must be an integer from 1 to {MAX_CHOICES}, got {n!r}", "n")
+    return n
 
 
 def _refuse_unsupported(body: dict) -> None:
     """Parameters that would change the response's shape, which this server does not do."""
-    n = body.get("n")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise invalid("'n' must be an integer >= 1", "n")
-    if n is not None and n > 1:
-        raise invalid("Only n=1 is supported: send n requests for n choices", "n")
     response_format = body.get("response_format")
     if response_format is not None:
         if not isinstance(response_format, dict) or "type" not in response_format:

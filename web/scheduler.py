@@ -55,6 +55,9 @@ class Request:
         self.completion_tokens = 0  # tokens the engine generated for it (a closing <|endoftext|> included)
         self.error: str | None = None
         self.cancelled = False
+        # the request's completions (SamplingParams.n): itself first; the others get their sequences when
+        # the shared prompt is in (Scheduler._attach) and are never queued on their own
+        self.choices: list[Request] = [self]
         self._pending: deque[int] = deque()
         self._delivered = 0  # tokens of seq.output already in _pending
         self._ready = gevent.event.Event()
@@ -135,6 +138,7 @@ class Scheduler:
         if len(self.waiting) >= self.max_waiting:
             raise Overloaded(f"{len(self.waiting)} requests are already waiting for this model")
         req = Request(self, prompt, params)
+        req.choices += [Request(self, prompt, params) for _ in range(params.n - 1)]
         self.waiting.append(req)
         self._report_queue()
         self.wake()
@@ -187,7 +191,8 @@ class Scheduler:
         except BaseException as e:  # a bug in the loop itself: fail everyone, /health reports it
             self.dead = f"{type(e).__name__}: {e}"
             for req in list(self.active.values()) + self.admitting + list(self.waiting):
-                req._fail(self.dead)
+                for choice in req.choices:
+                    choice._fail(self.dead)
             raise
 
     def _start_engine(self) -> Engine:
@@ -218,6 +223,7 @@ class Scheduler:
             req.seq = seq
             self.active[seq] = req
         self.waiting.extendleft(reversed(admitted[len(started) :]))  # no room this step: first in line again
+        self._attach()
         if self.active:
             self.metrics.decode_step(self.name, len(self.active))
         for seq, req in list(self.active.items()):
@@ -225,6 +231,14 @@ class Scheduler:
             if req.finish_reason is not None:
                 del self.active[seq]
         self._report_queue()
+
+    def _attach(self) -> None:
+        """Give each request's other completions the sequences the engine made once its prompt was in."""
+        for seq, req in list(self.active.items()):
+            for choice, sibling in zip(req.choices[1:], seq.siblings):
+                if choice.seq is None:
+                    choice.seq = sibling
+                    self.active[sibling] = choice
 
     def _take_cancelled(self) -> list[Sequence]:
         """Forget cancelled requests; returns the sequences the engine must release."""
@@ -250,7 +264,7 @@ class Scheduler:
         budget = engine.prefill_chunk
         while budget > 0:
             if engine.prefilling is None:
-                if len(started) == len(candidates) or not engine.has_room():
+                if len(started) == len(candidates) or not engine.has_room(candidates[len(started)][1].n):
                     break
                 started.append(engine.start(*candidates[len(started)]))
             seq = engine.prefilling
@@ -263,7 +277,8 @@ class Scheduler:
         """A step raised: its requests end with the error, the engine is emptied, the loop goes on."""
         log.error("generation step failed, ending %d request(s): %s", len(self.active) + len(admitting), message)
         for req in list(self.active.values()) + admitting:
-            req._fail(message)
+            for choice in req.choices:  # a request's other completions too, attached or not
+                choice._fail(message)
         self.active.clear()
         self._report_queue()
         self.pool.apply(self._empty_engine)

@@ -400,7 +400,7 @@ def test_text_completion_continues_the_raw_prompt(server, client):
 
 
 def test_text_completion_refuses_what_it_cannot_do(client):
-    for kwargs, param in [({"suffix": "end"}, "suffix"), ({"prompt": ["one", "two"]}, "prompt"),
+    for kwargs, param in [({"suffix": "end"}, "suffix"), ({"prompt": ["again"] * 33}, "prompt"), ({"prompt": []}, "prompt"),
                           ({"prompt": [50257]}, "prompt"), ({"n": 9}, "n"), ({"logprobs": 6}, "logprobs"),
                           ({"max_tokens": -1}, "max_tokens"), ({"prompt": "lorem " * 1100}, "prompt")]:
         with pytest.raises(openai.BadRequestError) as e:
@@ -486,6 +486,17 @@ def test_n_choices_decode_together(client):
     for chunk in client.completions.create(model="tiny", prompt="Once upon", max_tokens=6, temperature=0, n=2, stream=True):
         streamed[chunk.choices[0].index] += chunk.choices[0].text
     assert streamed == [base, base]
+    # several prompts: choice j * n + i is the i-th of prompt j
+    prompts = ["Once upon", "In the beginning", "Hello"]
+    alone = [client.completions.create(model="tiny", prompt=p, max_tokens=6, temperature=0).choices[0].text for p in prompts]
+    batch = client.completions.create(model="tiny", prompt=prompts, max_tokens=6, temperature=0, n=2)
+    assert [(c.index, c.text) for c in batch.choices] == [(k, alone[k // 2]) for k in range(6)]
+    assert batch.usage.prompt_tokens == sum(len(encode(p)) for p in prompts) and batch.usage.completion_tokens == 36
+    streamed = [""] * 3
+    for chunk in client.completions.create(model="tiny", prompt=[encode(p) for p in prompts], max_tokens=6, temperature=0,
+                                           stream=True, echo=True):
+        streamed[chunk.choices[0].index] += chunk.choices[0].text
+    assert streamed == [p + a for p, a in zip(prompts, alone)]
 
 
 # --- under load

@@ -200,8 +200,10 @@ def create_app(config: ServerConfig | None = None) -> Flask:
             raise APIError(500, f"Model {model!r} could not be loaded from {info.checkpoint}: {e}") from None
         return scheduler
 
-    def submit(scheduler: Scheduler, model: str, prompt: list[int], params: SamplingParams, text: bool) -> list[Completion]:
-        """Queue a prompt; a Completion per choice (n), whose costs the access log reads."""
+    def submit(scheduler: Scheduler, model: str, prompt: list[int], params: SamplingParams, text: bool,
+               first_index: int = 0, echo: str = "", id: str | None = None) -> list[Completion]:
+        """Queue a prompt; a Completion per choice (n), indexed from first_index, whose costs the access
+        log reads. echo: the text a text completion's choices start with."""
         if params.n > scheduler.max_rows:
             raise APIError(400, f"'n' can be at most {scheduler.max_rows} here (NANOGPT_MAX_ROWS: each choice takes a "
                            "row of the batch)", param="n")
@@ -212,10 +214,11 @@ def create_app(config: ServerConfig | None = None) -> Flask:
             raise overloaded(e) from None
         except EngineError as e:
             raise APIError(500, str(e)) from None
-        first = Completion(req, model, params.stop, g.started, metrics, text)
-        completions = [first] + [Completion(r, model, params.stop, g.started, metrics, text, i, first.id)
-                                 for i, r in enumerate(req.choices[1:], 1)]
-        request.environ["nanogpt.completion"] = [c.cost for c in completions]  # for the access log (web/access_log.py)
+        id = id or f"{'cmpl' if text else 'chatcmpl'}-{uuid.uuid4().hex}"
+        completions = [Completion(r, model, params.stop, g.started, metrics, text, first_index + i, id, echo)
+                       for i, r in enumerate(req.choices)]
+        # for the access log (web/access_log.py): every choice of every prompt of the request
+        request.environ.setdefault("nanogpt.completion", []).extend(c.cost for c in completions)
         return completions
 
     def collect(completions: list[Completion]) -> list[str]:
@@ -234,23 +237,32 @@ def create_app(config: ServerConfig | None = None) -> Flask:
         body = parse_text_request(parse_body(request.get_data(cache=False)))
         scheduler = loaded_scheduler(body.model)
         context = scheduler.context_length
-        if len(body.prompt) >= context:
-            raise APIError(400, f"This model's maximum context length is {context} tokens, and your prompt has "
-                           f"{len(body.prompt)}: shorten it", param="prompt", code="context_length_exceeded")
-        echo = body.prompt_text if body.echo else ""
-        if body.max_tokens == 0 and not body.params.prompt_logprobs:  # nothing to generate or score: the prompt alone
-            choices = [text_choice(i, echo, "length", None) for i in range(body.params.n)]
-            return jsonify(text_completion_body(f"cmpl-{uuid.uuid4().hex}", body.model, choices, usage([], len(body.prompt))))
-        params = replace(body.params, max_tokens=min(body.max_tokens, context - len(body.prompt)))
-        completions = submit(scheduler, body.model, body.prompt, params, text=True)
+        for prompt in body.prompts:  # all checked before any is queued
+            if len(prompt) >= context:
+                raise APIError(400, f"This model's maximum context length is {context} tokens, and your prompt has "
+                               f"{len(prompt)}: shorten it", param="prompt", code="context_length_exceeded")
+        n, echoes = body.params.n, [text if body.echo else "" for text in body.prompt_texts]
+        prompt_total = sum(map(len, body.prompts))
+        if body.max_tokens == 0 and not body.params.prompt_logprobs:  # nothing to generate or score: the prompts alone
+            choices = [text_choice(j * n + i, echo, "length", None) for j, echo in enumerate(echoes) for i in range(n)]
+            return jsonify(text_completion_body(f"cmpl-{uuid.uuid4().hex}", body.model, choices, usage([], prompt_total)))
+        completions: list[Completion] = []
+        try:  # choice j * n + i: the i-th of prompt j, as OpenAI numbers them
+            for j, (prompt, echo) in enumerate(zip(body.prompts, echoes)):
+                params = replace(body.params, max_tokens=min(body.max_tokens, context - len(prompt)))
+                completions += submit(scheduler, body.model, prompt, params, True, j * n, echo,
+                                      completions[0].id if completions else None)
+        except APIError:  # a full queue part way: the prompts queued so far are not wanted either
+            for c in completions:
+                c.end()
+            raise
         if body.stream:
-            return stream_response(completions, body.include_usage, config.keepalive, echo)
+            return stream_response(completions, body.include_usage, config.keepalive, prompt_total)
         texts = collect(completions)
-        choices = [text_choice(c.index, echo + text, c.finish_reason, c.logprobs(c.echo_scored() + c.scored))
+        choices = [text_choice(c.index, c.echo + text, c.finish_reason, c.logprobs(c.echo_scored() + c.scored))
                    for c, text in zip(completions, texts)]
         first = completions[0]
-        return jsonify(text_completion_body(first.id, body.model, choices, usage(completions, len(body.prompt)),
-                                            first.created))
+        return jsonify(text_completion_body(first.id, body.model, choices, usage(completions, prompt_total), first.created))
 
     @app.post("/v1/chat/completions")
     def chat_completions():
@@ -274,7 +286,7 @@ def create_app(config: ServerConfig | None = None) -> Flask:
         params = replace(chat.params, max_tokens=min(chat.max_tokens or room, room))
         completions = submit(scheduler, chat.model, prompt, params, text=False)
         if chat.stream:
-            return stream_response(completions, chat.include_usage, config.keepalive)
+            return stream_response(completions, chat.include_usage, config.keepalive, len(prompt))
         texts = collect(completions)
         first = completions[0]
         return jsonify(
@@ -308,11 +320,12 @@ class Completion:
     once: to the metrics, and in `cost`, the fields of its access log line."""
 
     def __init__(self, req: Request, model: str, stop: tuple[str, ...], started: float, metrics: ServerMetrics,
-                 text: bool = False, index: int = 0, id: str | None = None):
+                 text: bool = False, index: int = 0, id: str | None = None, echo: str = ""):
         """text: a /v1/completions response (text_completion objects), else a chat completion. index:
-        which choice of the response (n); the choices of one response share its id."""
+        which choice of the response; the choices of one response share its id. echo: the prompt text a
+        text completion's choice starts with."""
         self.req, self.model, self.started, self.metrics, self.text_mode = req, model, started, metrics, text
-        self.index = index
+        self.index, self.echo = index, echo
         self.id = id or f"{'cmpl' if text else 'chatcmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.text = TextStream(stop)
@@ -415,7 +428,7 @@ def text_completion_body(id: str, model: str, choices: list[dict], usage: dict |
     return body | ({"usage": usage} if usage is not None else {})
 
 
-def stream_response(completions: list[Completion], include_usage: bool, keepalive: float, echo: str = "") -> Response:
+def stream_response(completions: list[Completion], include_usage: bool, keepalive: float, prompt_tokens: int) -> Response:
     """Server-sent events as OpenAI sends them: for each choice its role (chat) or its echoed prompt
     (text, if any), then content deltas of every choice as they come, each choice's finish, [usage],
     [DONE].
@@ -441,12 +454,12 @@ def stream_response(completions: list[Completion], include_usage: bool, keepaliv
     def events() -> Iterator[str]:
         queue: gevent.queue.Queue = gevent.queue.Queue()
         readers = [gevent.spawn(read, c, queue) for c in completions]
-        echoed = set() if echo else set(completions)  # the echoed prompt goes first, once its tokens are scored
+        echoed = {c for c in completions if not c.echo}  # the echoed prompt goes first, once its tokens are scored
 
         def echo_first(c: Completion) -> Iterator[str]:
             if c not in echoed:
                 echoed.add(c)
-                yield event(c.chunk(echo, scored=c.echo_scored()) | extra)
+                yield event(c.chunk(c.echo, scored=c.echo_scored()) | extra)
 
         try:
             for c in completions if not first.text_mode else ():
@@ -467,7 +480,7 @@ def stream_response(completions: list[Completion], include_usage: bool, keepaliv
                     yield from echo_first(c)
                     yield event(c.chunk(item, scored=c.unsent()) | extra)
             if include_usage:
-                yield event(first.chunk(None) | {"choices": [], "usage": usage(completions, len(first.req.prompt))})
+                yield event(first.chunk(None) | {"choices": [], "usage": usage(completions, prompt_tokens)})
             yield "data: [DONE]\n\n"
         finally:
             gevent.killall(readers, block=False)

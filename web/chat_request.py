@@ -17,6 +17,7 @@ from model.tokenizer import EOT, VOCAB_SIZE, decode, encode
 
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 8  # n at most: each choice takes a row of the batch (NANOGPT_MAX_ROWS)
+MAX_PROMPTS = 32  # prompts in one /v1/completions request (each is queued as a request of its own)
 
 
 class APIError(Exception):
@@ -58,12 +59,12 @@ class ChatRequest:
 
 @dataclass(frozen=True)
 class TextRequest:
-    """A validated /v1/completions request: a raw prompt, no template. max_tokens 0 generates nothing
-    (the echoed prompt alone, scored with logprobs)."""
+    """A validated /v1/completions request: raw prompts, no template; n choices for each prompt.
+    max_tokens 0 generates nothing (the echoed prompt alone, scored with logprobs)."""
 
     model: str
-    prompt: list[int]  # token ids; an empty prompt is <|endoftext|>, as GPT-2 samples unconditionally
-    prompt_text: str  # what `echo` puts before the completion
+    prompts: list[list[int]]  # token ids; an empty prompt is <|endoftext|>, as GPT-2 samples unconditionally
+    prompt_texts: list[str]  # what `echo` puts before each prompt's completions
     params: SamplingParams
     max_tokens: int
     stream: bool
@@ -121,7 +122,7 @@ def parse_text_request(body: dict) -> TextRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise invalid("'model' is required: one of the ids GET /v1/models lists", "model")
-    prompt, prompt_text = _prompt(body.get("prompt"))
+    prompts, prompt_texts = _prompts(body.get("prompt"))
     if body.get("suffix") not in (None, ""):
         raise invalid("'suffix' (insertion) is not supported: this model only continues text", "suffix")
     max_tokens = _integer(body, "max_tokens", 0)
@@ -134,22 +135,32 @@ def parse_text_request(body: dict) -> TextRequest:
         raise invalid(f"'logprobs' must be between 0 and {TEXT_MAX_LOGPROBS}, got {logprobs}", "logprobs")
     # with echo, the prompt's tokens are scored too: how evaluation harnesses read a prompt's likelihood
     params = replace(_sampling(body), logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
-    return TextRequest(model, prompt, prompt_text, params, max_tokens, stream, include_usage, echo)
+    return TextRequest(model, prompts, prompt_texts, params, max_tokens, stream, include_usage, echo)
 
 
-def _prompt(prompt: object) -> tuple[list[int], str]:
-    """The prompt's token ids and text: a string, an array of token ids, or an array holding one of them."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return (encode(prompt) or [EOT]), prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        if not all(0 <= t < VOCAB_SIZE for t in prompt):
+def _prompts(prompt: object) -> tuple[list[list[int]], list[str]]:
+    """The prompts' token ids and texts: a string, an array of token ids, or an array of either (a batch)."""
+    def token_ids(value: object) -> bool:
+        return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+    if isinstance(prompt, str) or token_ids(prompt):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) or token_ids(p) for p in prompt):
+        raise invalid("'prompt' must be a string, an array of token ids, or an array of strings or of token-id arrays",
+                      "prompt")
+    if len(prompt) > MAX_PROMPTS:
+        raise invalid(f"'prompt' holds at most {MAX_PROMPTS} prompts, got {len(prompt)}", "prompt")
+    ids, texts = [], []
+    for p in prompt:
+        if isinstance(p, str):
+            ids.append(encode(p) or [EOT])
+            texts.append(p)
+        elif not all(0 <= t < VOCAB_SIZE for t in p):
             raise invalid(f"'prompt' token ids must be between 0 and {VOCAB_SIZE - 1}", "prompt")
-        return list(prompt), decode(prompt)
-    if isinstance(prompt, list) and len(prompt) > 1:
-        raise invalid("Only one prompt per request is supported: send one request per prompt", "prompt")
-    raise invalid("'prompt' must be a string, an array of token ids, or an array of one of them", "prompt")
+        else:
+            ids.append(list(p))
+            texts.append(decode(p))
+    return ids, texts
 
 
 def _streaming(body: dict) -> tuple[bool, bool]:

@@ -438,6 +438,28 @@ def test_summed_logprobs_of_an_ending_are_hellaswags_loss(server, client):
         assert -sum(reply.choices[0].logprobs.token_logprobs[-len(tokens):]) == pytest.approx(loss, rel=1e-4)
 
 
+def test_lm_evaluation_harness_local_completions_requests_score_as_hellaswag_does(server, client):
+    """The request lm-evaluation-harness's local-completions model sends for loglikelihood (0.4.13,
+    openai_completions.py: a batch of token-id prompts, max_tokens 1, logprobs 1, echo, temperature
+    0) and its parsing (the sum of token_logprobs[ctxlen:-1]: the continuation, without the one
+    generated token) give eval/hellaswag.py's per-ending loss. The harness itself is not installed
+    here (README, Serving)."""
+    example = Example(0, "A woman is outside with a bucket and a dog. The dog", ["runs around trying to avoid a bath.",
+                      "gets into a bath tub with the dog.", "gets the dog wet, then it runs away again.",
+                      "gets into the bath tub with the dog."], 0)
+    expected = score(tiny_model(server), [example], torch.device("cpu"))[0]["losses_sum"]
+    context = encode(example.ctx)
+    endings = [encode(" " + e) for e in example.endings]
+    reply = client.completions.create(model="tiny", prompt=[context + e for e in endings], max_tokens=1, logprobs=1,
+                                      echo=True, temperature=0, seed=1234)
+    for choice, ending, loss in zip(sorted(reply.choices, key=lambda c: c.index), endings, expected):
+        token_logprobs = choice.logprobs.token_logprobs
+        assert len(token_logprobs) == len(context) + len(ending) + 1  # the prompt, then the one generated token
+        assert -sum(token_logprobs[len(context) : -1]) == pytest.approx(loss, rel=1e-4)
+        tops = choice.logprobs.top_logprobs[len(context) : -1]
+        assert all(len(top) == 1 for top in tops)  # is_greedy compares each token with max(top.values())
+
+
 def test_chat_logprobs_streamed_or_not(client):
     kwargs = {"model": "tiny", "messages": HI, "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 5}
     reply = client.chat.completions.create(**kwargs)

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make the repo root importable
 from model.atomic import remove_stale_temp_files  # noqa: E402
-from model.hub import probe_hub  # noqa: E402
+from model.hub import load_hub_dataset  # noqa: E402
 from model.shards import (  # noqa: E402
     SHARD_FORMAT, DataError, read_manifest, shard_intact, shard_name, write_manifest, write_shard,
 )
@@ -225,17 +225,11 @@ def check_inputs(paths: list[str], text_field: str, max_docs: int | None) -> int
 
 def hub_documents(config: str, text_field: str, start_doc: int) -> tuple[int, Iterator[Iterable[str]]]:
     """FineWeb-Edu's train split of `config` from the Hub: (its number of documents, its documents from start_doc)."""
-    online = probe_hub()
     try:
-        from datasets import load_dataset  # a slow import that only this path needs
-
-        ds = load_dataset(HUB_DATASET, name=config, split="train")
-    except Exception as e:  # offline, datasets raises ConnectionError, OSError, hub errors, ... depending on where
-        raise PrepError(
-            f"could not load {HUB_DATASET} ({config}) from the Hugging Face Hub{'' if online else ' (no answer: offline)'} "
-            f"or its local cache: {type(e).__name__}: {e}\n"
-            "without network, tokenize local files instead: --input FILE.txt|FILE.jsonl|FILE.parquet ..."
-        ) from None
+        ds = load_hub_dataset(HUB_DATASET, split="train", name=config)
+    except OSError as e:
+        raise PrepError(f"{e}\nwithout network, tokenize local files instead: "
+                        "--input FILE.txt|FILE.jsonl|FILE.parquet ...") from None
     if text_field not in ds.column_names:
         raise PrepError(f'{HUB_DATASET} ({config}) has no column "{text_field}"; columns: {ds.column_names}')
     ds = ds.select_columns([text_field])

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from data_prep.instruction_shards import Rows, jsonl_rows, run_cli  # noqa: E402
 from model.cli import HelpFormatter  # noqa: E402
-from model.hub import probe_hub  # noqa: E402
+from model.hub import load_hub_dataset  # noqa: E402
 from model.shards import DataError  # noqa: E402
 
 PRODUCER = "data_prep/prepare_chat.py"
@@ -32,17 +32,11 @@ HUB_DATASET = "HuggingFaceTB/smol-smoltalk"
 
 def hub_rows(dataset: str, split: str, limit: int) -> Rows:
     """(where, record) for the first `limit` rows (0: all) of a Hub dataset's split (or the datasets cache)."""
-    online = probe_hub()
     try:
-        from datasets import load_dataset  # a slow import that only this path needs
-
-        ds = load_dataset(dataset, split=split)
-    except Exception as e:  # offline, datasets raises ConnectionError, OSError, hub errors, ... depending on where
-        raise DataError(
-            f"could not load {dataset} (split {split}) from the Hugging Face Hub{'' if online else ' (no answer: offline)'} "
-            f"or its local cache: {type(e).__name__}: {e}\n"
-            "without network, pass a local copy as jsonl ({\"messages\": [...]} per line): --input FILE.jsonl"
-        ) from None
+        ds = load_hub_dataset(dataset, split=split)
+    except OSError as e:
+        raise DataError(f"{e}\nwithout network, pass a local copy as jsonl "
+                        "({\"messages\": [...]} per line): --input FILE.jsonl") from None
     rows = ds if not limit else itertools.islice(ds, limit)
     for row, record in enumerate(rows):
         yield f"{dataset} {split} row {row}", record

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make the repo root importable
 
 from data_prep.instruction_shards import Rows, jsonl_rows, run_cli  # noqa: E402
-from model.hub import probe_hub  # noqa: E402
+from model.hub import load_hub_dataset  # noqa: E402
 from model.shards import DataError  # noqa: E402
 from model.cli import HelpFormatter  # noqa: E402
 
@@ -27,17 +27,10 @@ HUB_DATASET = "databricks/databricks-dolly-15k"
 
 def hub_rows() -> Rows:
     """(where, record) for every row of Dolly's only split, from the Hub (or the datasets cache)."""
-    online = probe_hub()
     try:
-        from datasets import load_dataset  # a slow import that only this path needs
-
-        ds = load_dataset(HUB_DATASET, split="train")
-    except Exception as e:  # offline, datasets raises ConnectionError, OSError, hub errors, ... depending on where
-        raise DataError(
-            f"could not load {HUB_DATASET} from the Hugging Face Hub{'' if online else ' (no answer: offline)'} "
-            f"or its local cache: {type(e).__name__}: {e}\n"
-            "without network, pass a local copy in Dolly's jsonl format: --input FILE.jsonl"
-        ) from None
+        ds = load_hub_dataset(HUB_DATASET, split="train")
+    except OSError as e:
+        raise DataError(f"{e}\nwithout network, pass a local copy in Dolly's jsonl format: --input FILE.jsonl") from None
     for row, record in enumerate(ds):
         yield f"{HUB_DATASET} row {row}", record
 

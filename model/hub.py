@@ -4,7 +4,8 @@ Without network, huggingface_hub retries each request with backoff ("Retrying in
 that loads a dataset took 24 s of warnings before its error. probe_hub() asks the endpoint once, with
 a short timeout, before datasets or huggingface_hub is imported; when nothing answers it switches
 both to offline mode (HF_HUB_OFFLINE=1), so a cached copy still loads at once and a missing one
-fails at once, and the caller's error names its --input option.
+fails at once, and the caller's error names its --input option. load_hub_dataset() is that for
+datasets, which every data prep script loads through; export_hf.py calls probe_hub() itself.
 """
 
 from __future__ import annotations
@@ -32,3 +33,18 @@ def probe_hub(timeout: float = PROBE_TIMEOUT) -> bool:
     except (urllib.error.URLError, OSError, ValueError):
         os.environ["HF_HUB_OFFLINE"] = "1"
         return False
+
+
+def load_hub_dataset(path: str, split: str, name: str | None = None):
+    """datasets.load_dataset(path, name, split=split), the Hub asked first (probe_hub): offline, the
+    local cache or an error at once. Raises OSError saying what could not be loaded and whether the
+    Hub answered; the caller adds what to do instead (its --input)."""
+    online = probe_hub()
+    try:
+        from datasets import load_dataset  # a slow import that only this path needs
+
+        return load_dataset(path, name=name, split=split)
+    except Exception as e:  # offline, datasets raises ConnectionError, OSError, hub errors, ... depending on where
+        what = f"{path}{f' ({name})' if name else ''}, split {split}"
+        raise OSError(f"could not load {what} from the Hugging Face Hub{'' if online else ' (no answer: offline)'} "
+                      f"or its local cache: {type(e).__name__}: {e}") from None

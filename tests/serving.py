@@ -63,15 +63,24 @@ def write_nan_model(models_dir: Path, name: str) -> None:
     save_checkpoint(model_state(model) | {"step": 1}, checkpoint_path(models_dir / name, 1))
 
 
+def metric_samples(metrics_text: str) -> list:
+    """Every sample of a /metrics text, as prometheus_client's parser reads it (name, labels, value)."""
+    return [s for family in text_string_to_metric_families(metrics_text) for s in family.samples]
+
+
+def metric_total(samples: list, name: str, **labels: str) -> float:
+    """The sum of the samples called name whose labels include `labels` (0 if there are none)."""
+    return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
 def figures(metrics_text: str, model: str) -> dict:
     """What a /metrics text says of one model: requests running and waiting now, requests finished by
     reason (cancelled: the client left), rejected (503), tokens generated, and decode steps that ran
     more than one request."""
-    samples = [s for family in text_string_to_metric_families(metrics_text) for s in family.samples
-               if s.labels.get("model") == model]
+    samples = metric_samples(metrics_text)
 
     def total(name: str, **labels: str) -> float:
-        return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        return metric_total(samples, name, model=model, **labels)
 
     return {"running": total("nanogpt_requests_running"), "waiting": total("nanogpt_requests_waiting"),
             "finished": {r: total("nanogpt_requests_finished_total", finish_reason=r) for r in FINISH_REASONS},

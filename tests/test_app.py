@@ -11,7 +11,6 @@ from dataclasses import asdict
 import gevent
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 import web.registry
 from model.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
@@ -19,7 +18,7 @@ from model.engine import Engine, SamplingParams, generate
 from model.gpt import GPTConfig
 from model.prompt import chat_turns, prompt_tokens
 from conftest import REPO_ROOT
-from serving import figures, write_model
+from serving import figures, metric_samples, write_model
 from web.app import ServerConfig, create_app
 
 SMALL = GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32)
@@ -58,8 +57,7 @@ def test_a_new_checkpoint_is_served_on_the_next_request(tmp_path):
     expected = "".join(generate(model, prompt_tokens(chat_turns(HI)), SamplingParams(temperature=0, max_tokens=12)))
     assert second["choices"][0]["message"]["content"] == expected != first["choices"][0]["message"]["content"]
     assert client.get("/health").get_json() == {"status": "ok", "models": {"run": {"state": "ready"}}}
-    loads = [s for f in text_string_to_metric_families(client.get("/metrics").get_data(as_text=True))
-             for s in f.samples if s.name == "nanogpt_model_loads_total"]
+    loads = [s for s in metric_samples(client.get("/metrics").get_data(as_text=True)) if s.name == "nanogpt_model_loads_total"]
     assert [(s.labels, s.value) for s in loads] == [({"model": "run", "outcome": "ok"}, 2.0)]
 
 
@@ -218,8 +216,8 @@ def test_metrics_label_routes_not_paths(tmp_path):
     for path in ("/v1/a", "/v1/b", "/nothing/here"):
         assert client.get(path).status_code == 404
     assert client.post("/v1/chat/completions", json={"model": "ghost", "messages": HI}).status_code == 404
-    samples = [s for f in text_string_to_metric_families(client.get("/metrics").get_data(as_text=True))
-               for s in f.samples if s.name == "nanogpt_http_requests_total"]
+    samples = [s for s in metric_samples(client.get("/metrics").get_data(as_text=True))
+               if s.name == "nanogpt_http_requests_total"]
     counts = {(s.labels["endpoint"], s.labels["model"], s.labels["status"]): s.value for s in samples}
     # a made-up path or model is no new series: an unknown model is "", any unmatched URL "unmatched"
     assert counts == {("unmatched", "", "404"): 3.0, ("/v1/chat/completions", "", "404"): 1.0}

@@ -9,10 +9,9 @@ import time
 
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from model.gpt import GPTConfig
-from serving import gunicorn_server, write_model
+from serving import gunicorn_server, metric_samples, metric_total, write_model
 from test_serving import raw
 from web.access_log import access_line
 
@@ -36,17 +35,6 @@ def server(tmp_path_factory):
         yield s
 
 
-def samples(server, name: str) -> dict:
-    """{labels as a sorted tuple: value} of one sample name, from a single scrape."""
-    text = server.metrics_text()
-    return {tuple(sorted(s.labels.items())): s.value for f in text_string_to_metric_families(text)
-            for s in f.samples if s.name == name}
-
-
-def total(values: dict, **labels: str) -> float:
-    return sum(v for k, v in values.items() if all((name, want) in k for name, want in labels.items()))
-
-
 def test_metrics_count_every_worker(server):
     n = 12
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
@@ -67,21 +55,22 @@ def test_metrics_count_every_worker(server):
     # both workers wrote figures (one file per process), and the stale file was cleared at start
     pids = {p.stem.rsplit("_", 1)[1] for p in server.metrics_dir.glob("counter_*.db")}
     assert len(pids) == 2 and "999999" not in pids
+    scraped = metric_samples(server.metrics_text())  # once: every figure below is from the same moment
     # the client retries a 503 (a full queue in the worker it reached): those count as 503s, answers as 200s
-    assert total(samples(server, "nanogpt_http_requests_total"), endpoint="/v1/chat/completions", status="200") == n
-    assert total(samples(server, "nanogpt_time_to_first_token_seconds_count"), model="tiny") == n
-    assert total(samples(server, "nanogpt_request_duration_seconds_count"), model="tiny") == n
-    assert total(samples(server, "nanogpt_completion_tokens_total"), model="tiny") == 4 * n
-    assert total(samples(server, "nanogpt_requests_finished_total"), model="tiny", finish_reason="length") == n
-    assert total(samples(server, "nanogpt_model_loads_total"), model="tiny", outcome="ok") == 2  # once per worker
+    assert metric_total(scraped, "nanogpt_http_requests_total", endpoint="/v1/chat/completions", status="200") == n
+    assert metric_total(scraped, "nanogpt_time_to_first_token_seconds_count", model="tiny") == n
+    assert metric_total(scraped, "nanogpt_request_duration_seconds_count", model="tiny") == n
+    assert metric_total(scraped, "nanogpt_completion_tokens_total", model="tiny") == 4 * n
+    assert metric_total(scraped, "nanogpt_requests_finished_total", model="tiny", finish_reason="length") == n
+    assert metric_total(scraped, "nanogpt_model_loads_total", model="tiny", outcome="ok") == 2  # once per worker
     # idle again: nothing running or waiting, in either worker
-    assert total(samples(server, "nanogpt_requests_running"), model="tiny") == 0
-    assert total(samples(server, "nanogpt_requests_waiting"), model="tiny") == 0
+    assert metric_total(scraped, "nanogpt_requests_running", model="tiny") == 0
+    assert metric_total(scraped, "nanogpt_requests_waiting", model="tiny") == 0
     assert client.models.list().data
 
 
 def test_a_burst_past_the_queue_shows_as_503s(server):
-    before = total(samples(server, "nanogpt_requests_rejected_total"), model="tiny")
+    before = metric_total(metric_samples(server.metrics_text()), "nanogpt_requests_rejected_total", model="tiny")
     statuses = []
 
     def ask() -> None:
@@ -96,8 +85,9 @@ def test_a_burst_past_the_queue_shows_as_503s(server):
         t.join()
     refused = statuses.count(503)
     assert refused > 0 and statuses.count(200) + refused == 16
-    assert total(samples(server, "nanogpt_requests_rejected_total"), model="tiny") - before == refused
-    assert total(samples(server, "nanogpt_http_requests_total"), endpoint="/v1/chat/completions", status="503") >= refused
+    scraped = metric_samples(server.metrics_text())
+    assert metric_total(scraped, "nanogpt_requests_rejected_total", model="tiny") - before == refused
+    assert metric_total(scraped, "nanogpt_http_requests_total", endpoint="/v1/chat/completions", status="503") >= refused
 
 
 def test_unauthenticated_endpoints_show_nothing_private(server):

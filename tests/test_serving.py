@@ -366,10 +366,14 @@ def test_failed_step_reaches_the_stream_and_the_next_request_is_served(server, c
 # --- /v1/completions: a raw prompt continued, for base models
 
 
+def tiny_model(server):
+    """The model the server serves as "tiny", loaded here."""
+    return model_from_checkpoint(load_checkpoint(latest_checkpoint(server.models / "tiny"))).eval()
+
+
 def test_text_completion_continues_the_raw_prompt(server, client):
     prompt = "The history of the lighthouse"
-    model = model_from_checkpoint(load_checkpoint(latest_checkpoint(server.models / "tiny"))).eval()
-    expected = "".join(generate(model, encode(prompt), SamplingParams(temperature=0, max_tokens=12)))  # no template
+    expected = "".join(generate(tiny_model(server), encode(prompt), SamplingParams(temperature=0, max_tokens=12)))  # no template
     reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
     assert reply.object == "text_completion" and reply.id.startswith("cmpl-")
     assert reply.choices[0].text == expected and reply.choices[0].finish_reason == "length"
@@ -408,10 +412,6 @@ def test_text_completion_refuses_what_it_cannot_do(client):
         assert e.value.body["param"] == param, kwargs
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="Hello")
-
-
-def tiny_model(server):
-    return model_from_checkpoint(load_checkpoint(latest_checkpoint(server.models / "tiny"))).eval()
 
 
 def test_echo_with_logprobs_scores_every_prompt_token_as_a_forward_pass_does(server, client):

@@ -239,8 +239,7 @@ def create_app(config: ServerConfig | None = None) -> Flask:
         context = scheduler.context_length
         for prompt in body.prompts:  # all checked before any is queued
             if len(prompt) >= context:
-                raise APIError(400, f"This model's maximum context length is {context} tokens, and your prompt has "
-                               f"{len(prompt)}: shorten it", param="prompt", code="context_length_exceeded")
+                raise context_exceeded(context, str(len(prompt)), param="prompt")
         n, echoes = body.params.n, [text if body.echo else "" for text in body.prompt_texts]
         prompt_total = sum(map(len, body.prompts))
         if body.max_tokens == 0 and not body.params.prompt_logprobs:  # nothing to generate or score: the prompts alone
@@ -513,14 +512,12 @@ def model_not_found(model_id: str) -> APIError:
     )
 
 
-def context_exceeded(context: int, needed: str) -> APIError:
-    return APIError(
-        400,
-        f"This model's maximum context length is {context} tokens, and your messages need {needed}: "
-        "shorten them (earlier turns are left out for you only where the server sets NANOGPT_DROP_OLD_TURNS=1)",
-        param="messages",
-        code="context_length_exceeded",
-    )
+def context_exceeded(context: int, needed: str, param: str = "messages") -> APIError:
+    """OpenAI's 400 for a chat's messages, or a text completion's prompt, longer than the context."""
+    what = ("your messages need", "shorten them (earlier turns are left out for you only where the server sets "
+            "NANOGPT_DROP_OLD_TURNS=1)") if param == "messages" else (f"your {param} needs", "shorten it")
+    return APIError(400, f"This model's maximum context length is {context} tokens, and {what[0]} {needed}: {what[1]}",
+                    param=param, code="context_length_exceeded")
 
 
 def overloaded(e: Exception) -> APIError:

@@ -253,8 +253,10 @@ class Engine:
         tokens = [greedy[i] if s.params.temperature == 0 else self._draw(logits[i], s) for i, s in enumerate(seqs)]
         self.counts[rows, torch.tensor(tokens, device=self.device)] += 1
         scored = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        for i in scored:
-            seqs[i].logprobs += self._logprobs(raw[i : i + 1], [tokens[i]], seqs[i].params.logprobs)
+        if scored:  # one log-softmax over every row that asked, each row then keeps its own k alternatives
+            k = max(seqs[i].params.logprobs for i in scored)
+            for i, (logprob, top) in zip(scored, self._logprobs(raw[scored], [tokens[i] for i in scored], k)):
+                seqs[i].logprobs.append((logprob, top[: seqs[i].params.logprobs]))
         for s, token in zip(seqs, tokens):
             s.sampled += 1
             if token == EOT:

@@ -85,9 +85,7 @@ def parse_body(data: bytes) -> dict:
 
 def parse_chat_request(body: dict) -> ChatRequest:
     """Check every field of a /v1/chat/completions body; raises APIError(400) naming the bad one."""
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise invalid("'model' is required: one of the ids GET /v1/models lists", "model")
+    model = _model(body)
 
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -119,9 +117,7 @@ TEXT_MAX_LOGPROBS = 5  # the legacy endpoint's limit
 
 def parse_text_request(body: dict) -> TextRequest:
     """Check every field of a /v1/completions body (OpenAI's legacy schema); raises APIError(400)."""
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise invalid("'model' is required: one of the ids GET /v1/models lists", "model")
+    model = _model(body)
     prompts, prompt_texts = _prompts(body.get("prompt"))
     if body.get("suffix") not in (None, ""):
         raise invalid("'suffix' (insertion) is not supported: this model only continues text", "suffix")
@@ -187,12 +183,17 @@ def _sampling(body: dict) -> SamplingParams:
 
 
 def _choices(body: dict) -> int:
-    n = body.get("n")
-    if n is None:
-        return 1
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
-        raise invalid(f"'n' must be an integer from 1 to {MAX_CHOICES}, got {n!r}", "n")
-    return n
+    n = _integer(body, "n", 1)
+    if n is not None and n > MAX_CHOICES:
+        raise invalid(f"'n' must be from 1 to {MAX_CHOICES}, got {n}", "n")
+    return n or 1
+
+
+def _model(body: dict) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("'model' is required: one of the ids GET /v1/models lists", "model")
+    return model
 
 
 def _refuse_unsupported(body: dict) -> None:

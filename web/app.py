@@ -201,7 +201,7 @@ def create_app(config: ServerConfig | None = None) -> Flask:
         return scheduler
 
     def submit(scheduler: Scheduler, model: str, prompt: list[int], params: SamplingParams, text: bool,
-               first_index: int = 0, echo: str = "", id: str | None = None) -> list[Completion]:
+               first_index: int = 0, echo: str = "") -> list[Completion]:
         """Queue a prompt; a Completion per choice (n), indexed from first_index, whose costs the access
         log reads. echo: the text a text completion's choices start with."""
         if params.n > scheduler.max_rows:
@@ -214,8 +214,9 @@ def create_app(config: ServerConfig | None = None) -> Flask:
             raise overloaded(e) from None
         except EngineError as e:
             raise APIError(500, str(e)) from None
-        id = id or f"{'cmpl' if text else 'chatcmpl'}-{uuid.uuid4().hex}"
-        completions = [Completion(r, model, params.stop, g.started, metrics, text, first_index + i, id, echo)
+        if "response" not in g:  # every choice of every prompt of the request: one id, one creation time
+            g.response = (f"{'cmpl' if text else 'chatcmpl'}-{uuid.uuid4().hex}", int(time.time()))
+        completions = [Completion(r, model, params.stop, g.started, metrics, g.response, text, first_index + i, echo)
                        for i, r in enumerate(req.choices)]
         # for the access log (web/access_log.py): every choice of every prompt of the request
         request.environ.setdefault("nanogpt.completion", []).extend(c.cost for c in completions)
@@ -249,8 +250,7 @@ def create_app(config: ServerConfig | None = None) -> Flask:
         try:  # choice j * n + i: the i-th of prompt j, as OpenAI numbers them
             for j, (prompt, echo) in enumerate(zip(body.prompts, echoes)):
                 params = replace(body.params, max_tokens=min(body.max_tokens, context - len(prompt)))
-                completions += submit(scheduler, body.model, prompt, params, True, j * n, echo,
-                                      completions[0].id if completions else None)
+                completions += submit(scheduler, body.model, prompt, params, True, j * n, echo)
         except APIError:  # a full queue part way: the prompts queued so far are not wanted either
             for c in completions:
                 c.end()
@@ -319,14 +319,13 @@ class Completion:
     once: to the metrics, and in `cost`, the fields of its access log line."""
 
     def __init__(self, req: Request, model: str, stop: tuple[str, ...], started: float, metrics: ServerMetrics,
-                 text: bool = False, index: int = 0, id: str | None = None, echo: str = ""):
-        """text: a /v1/completions response (text_completion objects), else a chat completion. index:
-        which choice of the response; the choices of one response share its id. echo: the prompt text a
-        text completion's choice starts with."""
+                 response: tuple[str, int], text: bool = False, index: int = 0, echo: str = ""):
+        """response: the (id, created) every choice of the response carries. text: a /v1/completions
+        response (text_completion objects), else a chat completion. index: which choice of the
+        response. echo: the prompt text a text completion's choice starts with."""
         self.req, self.model, self.started, self.metrics, self.text_mode = req, model, started, metrics, text
         self.index, self.echo = index, echo
-        self.id = id or f"{'cmpl' if text else 'chatcmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
+        self.id, self.created = response
         self.text = TextStream(stop)
         self.finish_reason: str | None = None
         self.completion_tokens = 0

@@ -40,7 +40,9 @@ CPU_KERNEL_TESTS := tests/test_cpu_linear.py tests/test_gpt.py tests/test_lm_los
 	tests/test_export_hf.py tests/test_train.py::test_bf16_autocast_trains_on_cpu \
 	tests/test_train.py::test_sigterm_then_resume_is_bitwise_exact \
 	tests/test_finetune.py::test_sigterm_then_resume_auto_is_bitwise_exact \
-	tests/test_conversations.py::test_one_sequence_trains_each_reply_exactly_as_one_example_per_reply_would
+	tests/test_conversations.py::test_one_sequence_trains_each_reply_exactly_as_one_example_per_reply_would \
+	tests/test_dpo.py::test_at_step_0_the_loss_of_every_padded_batch_is_log_2_per_pair \
+	tests/test_dpo.py::test_loss_and_gradient_of_a_padded_batch_equal_the_pair_by_pair_computation
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests

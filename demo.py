@@ -5,8 +5,10 @@
     python demo.py --port 8001          # serve elsewhere (make demo PORT=8001); --no_serve to stop before
 
 Stages: make the corpus -> pretraining shards -> instruction shards -> pretrain a tiny GPT from
-random weights -> fine-tune it -> score both models on held-out instructions (HellaSwag for
---source hub) -> write each run's report (eval/report.py) -> serve both with gunicorn.
+random weights -> fine-tune it -> preference pairs from the tuned model's own graded answers to
+training questions (hh-rlhf pairs for --source hub) -> DPO -> score the three models on held-out
+instructions (HellaSwag for --source hub) -> write each run's report (eval/report.py) -> serve them
+with gunicorn.
 
 Every stage runs the repo's own script in a subprocess and prints the command first, so any step
 can be rerun, or scaled up, by hand. A second run reuses what the first made: prepared data whose
@@ -71,6 +73,22 @@ class Paths:
     def tuned(self) -> Path:
         return self.runs / "tuned"
 
+    @property
+    def graded_pairs(self) -> Path:
+        return self.work / "graded_pairs.jsonl"
+
+    @property
+    def preference_data(self) -> Path:
+        return self.work / "preferences"
+
+    @property
+    def dpo(self) -> Path:
+        return self.runs / "dpo"
+
+    @property
+    def all_runs(self) -> tuple[Path, Path, Path]:
+        return self.pretrained, self.tuned, self.dpo
+
 
 def banner(text: str) -> None:
     print(f"\n=== {text}", flush=True)
@@ -126,15 +144,15 @@ def tiny_model_flags(args: argparse.Namespace) -> list[str]:
 
 
 def prepare_builtin(args: argparse.Namespace, paths: Paths) -> None:
-    banner("1/8 the built-in corpus: facts and skills as prose, instructions and held-out questions")
+    banner("1/10 the built-in corpus: facts and skills as prose, instructions and held-out questions")
     run([PY, "data_prep/demo_corpus.py", "--out_dir", str(paths.source), "--seed", str(args.seed)])
-    banner("2/8 pretraining shards (GPT-2 BPE, uint16; shard 0 is val)")
+    banner("2/10 pretraining shards (GPT-2 BPE, uint16; shard 0 is val)")
     if fresh(paths.pretrain_data / "manifest.json", paths.source / "pretrain.jsonl"):
         print(f"{paths.pretrain_data}: reused")
     else:
         run([PY, "data_prep/fineweb.py", "--input", str(paths.source / "pretrain.jsonl"), "--out_dir",
              str(paths.pretrain_data), "--shard_size", "100000", "--num_proc", "1"])
-    banner("3/8 instruction shards: instructions and conversations (prompt template + replies; loss only on the replies)")
+    banner("3/10 instruction shards: instructions and conversations (prompt template + replies; loss only on the replies)")
     inputs = [paths.source / "instructions.jsonl", paths.source / "conversations.jsonl"]
     if fresh(paths.instruction_data / "manifest.json", *inputs):
         print(f"{paths.instruction_data}: reused")
@@ -145,12 +163,34 @@ def prepare_builtin(args: argparse.Namespace, paths: Paths) -> None:
 
 def prepare_hub(args: argparse.Namespace, paths: Paths) -> None:
     # both scripts keep what they finished before (fineweb.py its shards, datasets its download cache)
-    banner("1/8 --source hub: no built-in corpus; FineWeb-Edu and Dolly-15k come from the Hugging Face Hub")
-    banner("2/8 pretraining shards from a slice of FineWeb-Edu sample-10BT (GPT-2 BPE, uint16; shard 0 is val)")
+    banner("1/10 --source hub: no built-in corpus; FineWeb-Edu and Dolly-15k come from the Hugging Face Hub")
+    banner("2/10 pretraining shards from a slice of FineWeb-Edu sample-10BT (GPT-2 BPE, uint16; shard 0 is val)")
     run([PY, "data_prep/fineweb.py", "--max_tokens", str(args.hub_tokens), "--out_dir", str(paths.pretrain_data),
          "--shard_size", str(max(100_000, args.hub_tokens // 10))])
-    banner("3/8 instruction shards from databricks-dolly-15k")
+    banner("3/10 instruction shards from databricks-dolly-15k")
     run([PY, "data_prep/prepare_dolly.py", "--out_dir", str(paths.instruction_data), "--max_len", str(args.seq_len)])
+
+
+def prepare_preferences(args: argparse.Namespace, paths: Paths) -> None:
+    """Preference shards: with the built-in corpus, pairs from the tuned model's graded answers to training
+    questions (data_prep/graded_pairs.py); with --source hub, a slice of Anthropic/hh-rlhf."""
+    if args.source == "hub":
+        run([PY, "data_prep/prepare_preferences.py", "--limit", "2000", "--out_dir", str(paths.preference_data),
+             "--max_len", str(args.seq_len)])
+        return
+    tuned = latest_checkpoint(paths.tuned)
+    if fresh(paths.graded_pairs, tuned):
+        print(f"{paths.graded_pairs}: reused")
+    else:
+        run([PY, "data_prep/graded_pairs.py", "--checkpoint", str(paths.tuned), "--data",
+             str(paths.source / "instructions.jsonl"), str(paths.source / "conversations.jsonl"),
+             "--limit", str(args.graded_questions), "--samples", "2", "--temperature", "1.5", "--max_tokens", "16",
+             "--seed", str(args.seed), "--out", str(paths.graded_pairs)])
+    if fresh(paths.preference_data / "manifest.json", paths.graded_pairs):
+        print(f"{paths.preference_data}: reused")
+    else:
+        run([PY, "data_prep/prepare_preferences.py", "--input", str(paths.graded_pairs), "--out_dir",
+             str(paths.preference_data), "--max_len", str(args.seq_len), "--seed", str(args.seed)])
 
 
 def port_is_free(args: argparse.Namespace) -> bool:
@@ -180,12 +220,12 @@ def wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 120) -> boo
 
 def example_messages(args: argparse.Namespace, paths: Paths) -> list[dict]:
     """A chat for the printed snippets: with the built-in corpus, a held-out follow-up conversation the
-    tuned model answered right (else a held-out question, its context as the system message)."""
+    preference-tuned model answered right (else a held-out question, its context as the system message)."""
     if args.source == "hub":
         return [{"role": "user", "content": "Name three primary colours."}]
     singles = [json.loads(line) for line in paths.heldout.read_text().splitlines()]
     chats = [json.loads(line) for line in paths.heldout_chat.read_text().splitlines()]
-    answers = json.loads((paths.runs / "exact_match.json").read_text())["models"][paths.tuned.name]["answers"]
+    answers = json.loads((paths.runs / "exact_match.json").read_text())["models"][paths.dpo.name]["answers"]
     followed = [c["messages"][:-1] for c, a in zip(chats, answers[len(singles) :])
                 if a.strip() == c["messages"][-1]["content"].strip()]
     if followed:
@@ -198,7 +238,7 @@ def example_messages(args: argparse.Namespace, paths: Paths) -> list[dict]:
 
 def serve(args: argparse.Namespace, paths: Paths) -> int:
     """gunicorn serving every run under --runs_dir until Ctrl-C; returns its exit code."""
-    banner(f"8/8 serving {paths.runs} (models: {paths.pretrained.name}, {paths.tuned.name})")
+    banner(f"10/10 serving {paths.runs} (models: {', '.join(r.name for r in paths.all_runs)})")
     if not port_is_free(args):
         return 2
     # the tiny model's context holds a few exchanges: a longer chat loses its oldest turns, as in tuning, not a 400
@@ -213,9 +253,10 @@ def serve(args: argparse.Namespace, paths: Paths) -> int:
             print("demo: gunicorn did not come up; its log is above", file=sys.stderr)
             return proc.poll() or 1
         messages = example_messages(args, paths)
-        body = json.dumps({"model": paths.tuned.name, "messages": messages})
+        body = json.dumps({"model": paths.dpo.name, "messages": messages})
         print(f"""
-The tuned model is served at {url}/  (the chat page opens on "{paths.tuned.name}"; "{paths.pretrained.name}" is the base model)
+The tuned models are served at {url}/  (the chat page opens on "{paths.dpo.name}", the last stage; "{paths.tuned.name}" is
+before preference tuning, "{paths.pretrained.name}" the base model)
 
 curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
   -d {shlex.quote(body)}
@@ -223,7 +264,7 @@ curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
 {shown_python()} - <<'EOF'
 from openai import OpenAI
 client = OpenAI(base_url="{url}/v1", api_key="unused")
-reply = client.chat.completions.create(model="{paths.tuned.name}", messages={json.dumps(messages)})
+reply = client.chat.completions.create(model="{paths.dpo.name}", messages={json.dumps(messages)})
 print(reply.choices[0].message.content)
 EOF
 
@@ -243,9 +284,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--source", choices=["builtin", "hub"], default="builtin",
                         help="builtin: the generated corpus, offline; hub: FineWeb-Edu and Dolly-15k slices")
     parser.add_argument("--work_dir", default=None, help="prepared data (default: data/demo, or data/demo_hub)")
-    parser.add_argument("--runs_dir", default=None, help="the two runs (default: checkpoints/demo, or checkpoints/demo_hub)")
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the corpus and of both runs")
-    g = parser.add_argument_group("the tiny model and its two runs")
+    parser.add_argument("--runs_dir", default=None, help="the three runs (default: checkpoints/demo, or checkpoints/demo_hub)")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the corpus, of every run and of the sampled answers")
+    g = parser.add_argument_group("the tiny model and its three runs")
     g.add_argument("--n_layer", type=int, default=6)
     g.add_argument("--n_head", type=int, default=4)
     g.add_argument("--n_embd", type=int, default=128)
@@ -257,8 +298,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--finetune_steps", type=int, default=1600, help="fine-tuning steps")
     g.add_argument("--finetune_batch_size", type=int, default=32,
                    help="examples per fine-tuning step (16 left the tuned model far more seed-dependent: 73-88%% held-out)")
+    g.add_argument("--graded_questions", type=int, default=1000,
+                   help="training questions the tuned model answers (greedily and twice sampled) for preference pairs")
+    # measured on the seed-1337 tuned model: 2 epochs of its ~390 pairs at 5e-5 and beta 0.5 moved held-out exact
+    # match by +2 questions of 338; 1e-4 by -2, 3e-4 by -22 (README, "The demo, measured")
+    g.add_argument("--dpo_steps", type=int, default=24, help="DPO steps of 32 pairs")
+    g.add_argument("--dpo_lr", type=float, default=5e-5, help="DPO's peak learning rate")
+    g.add_argument("--dpo_beta", type=float, default=0.5, help="DPO's beta")
     g.add_argument("--dtype", default="bfloat16" if native_bf16() else "auto", choices=["auto", "bfloat16", "float32"],
-                   help="both runs' --dtype; the default takes bf16 autocast on a CPU that multiplies bf16 natively "
+                   help="every run's --dtype; the default takes bf16 autocast on a CPU that multiplies bf16 natively "
                         "(AVX512-BF16 or AMX, which oneDNN runs: 1.5x faster steps than float32 on an AMD EPYC Zen 4), "
                         "else the scripts' auto (float32 on CPU)")
     g.add_argument("--hub_tokens", type=int, default=2_000_000, help="FineWeb-Edu tokens to take with --source hub")
@@ -282,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     (prepare_builtin if args.source == "builtin" else prepare_hub)(args, paths)
 
-    banner("4/8 pretraining a tiny GPT from random weights")
+    banner("4/10 pretraining a tiny GPT from random weights")
     # small batches, many steps: a tiny model learns facts from the number of updates more than from batch size
     train("model/train_gpt2.py", paths.pretrained, args.pretrain_steps, [
         "--data_dir", str(paths.pretrain_data), *tiny_model_flags(args), "--dtype", args.dtype, "--batch_size", "8",
@@ -292,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         "--log_every", "50",
     ])
 
-    banner("5/8 fine-tuning it to follow instructions (the pretrained model's answers are logged at step 0)")
+    banner("5/10 fine-tuning it to follow instructions (the pretrained model's answers are logged at step 0)")
     heldout = [str(paths.heldout), str(paths.heldout_chat)]
     extra = ["--exact_match_data", *heldout] if args.source == "builtin" else []
     train("model/finetune_dolly.py", paths.tuned, args.finetune_steps, [
@@ -303,20 +351,31 @@ def main(argv: list[str] | None = None) -> int:
         "--num_samples", "3", "--sample_tokens", "24", "--seed", str(args.seed), "--log_every", "100", *extra,
     ])
 
-    banner("6/8 before and after tuning")
+    banner("6/10 preference pairs: a right answer (chosen) against the tuned model's own wrong one (rejected)")
+    prepare_preferences(args, paths)
+
+    banner("7/10 preference tuning (DPO): the tuned model is the policy's start and the frozen reference")
+    train("model/dpo.py", paths.dpo, args.dpo_steps, [
+        "--data_dir", str(paths.preference_data), "--sft_checkpoint", str(paths.tuned), "--dtype", args.dtype,
+        "--batch_size", "32", "--total_batch_size", "32", "--max_lr", str(args.dpo_lr), "--beta", str(args.dpo_beta),
+        "--warmup_steps", "2", "--eval_every", str(max(1, args.dpo_steps // 4)), "--val_steps", "-1",
+        "--save_every", "0", "--num_samples", "3", "--sample_tokens", "24", "--seed", str(args.seed), "--log_every", "8",
+    ])
+
+    banner("8/10 before and after each stage of tuning")
     if args.source == "builtin":
-        run([PY, "eval/exact_match.py", "--checkpoint", str(paths.pretrained), str(paths.tuned),
+        run([PY, "eval/exact_match.py", "--checkpoint", *map(str, paths.all_runs),
              "--data", *heldout, "--show", "4", "--out_json", str(paths.runs / "exact_match.json")])
     else:
-        for run_dir in (paths.pretrained, paths.tuned):
+        for run_dir in paths.all_runs:
             run([PY, "eval/hellaswag.py", "--checkpoint", str(run_dir), "--limit", "500"])
 
-    banner("7/8 run reports (loss, learning rate, throughput, evaluations, sample answers)")
-    for run_dir in (paths.pretrained, paths.tuned):
+    banner("9/10 run reports (loss, learning rate, throughput, evaluations, sample answers)")
+    for run_dir in paths.all_runs:
         run([PY, "eval/report.py", "--run", str(run_dir)])
     print(f"\nall stages done in {time.monotonic() - started:.0f} s", flush=True)
     if args.no_serve:
-        print(f"to serve both models (http://127.0.0.1:8000/; the chat page opens on {paths.tuned.name!r}):\n"
+        print(f"to serve the models (http://127.0.0.1:8000/; the chat page opens on {paths.dpo.name!r}):\n"
               f"  {serve_command(paths)}", flush=True)
         return 0
     return serve(args, paths)

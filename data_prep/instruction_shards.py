@@ -199,18 +199,25 @@ def collect_conversations(sources: list[Rows], skip_invalid: bool) -> tuple[list
             problems.append(f"{where}: {turns}")
         else:
             conversations.append(turns)
-    if problems:
-        listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
-        more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
-        if not skip_invalid:
-            raise DataError(
-                f"{len(problems)} invalid record(s), nothing written:\n  {listed}{more}\n"
-                "fix them, or pass --skip_invalid to leave them out"
-            )
-        print(f"skipping {len(problems)} invalid record(s):\n  {listed}{more}")
+    report_problems(problems, skip_invalid)
     if not conversations:
         raise DataError("no valid records to prepare")
     return conversations, len(problems)
+
+
+def report_problems(problems: list[str], skip_invalid: bool) -> None:
+    """Stop with DataError listing the bad rows ("where: why"), or with skip_invalid print that they are
+    left out; nothing when there are none."""
+    if not problems:
+        return
+    listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
+    more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
+    if not skip_invalid:
+        raise DataError(
+            f"{len(problems)} invalid record(s), nothing written:\n  {listed}{more}\n"
+            "fix them, or pass --skip_invalid to leave them out"
+        )
+    print(f"skipping {len(problems)} invalid record(s):\n  {listed}{more}")
 
 
 def jsonl_rows(path: str | Path) -> Iterable[tuple[str, object]]:
@@ -321,44 +328,86 @@ def encode_conversation(turns: list[Turn], max_len: int) -> tuple[list[tuple[lis
     return examples, counts
 
 
-def check_out_dir(out_dir: Path, producer: str) -> None:
-    """Refuse to write over a directory that holds another kind of prepared data."""
+def check_out_dir(out_dir: Path, producer: str, kind: str = KIND, what: str = "instruction data") -> None:
+    """Refuse to write over a directory that holds another kind of prepared data than `kind` (`what`)."""
     manifest = read_manifest(out_dir, producer)
-    if manifest is not None and manifest.get("kind") != KIND:
+    if manifest is not None and manifest.get("kind") != kind:
         raise DataError(
-            f"{out_dir} holds data from {manifest.get('producer', 'another script')}, not instruction data: "
-            "choose another --out_dir"
+            f"{out_dir} holds data from {manifest.get('producer', 'another script')}, not {what}: choose another --out_dir"
         )
 
 
 COUNT_KEYS = ("conversations", "examples", "replies", "tokens", "response_tokens", "truncated", "dropped", "turns_left_out")
 
+Example = tuple[list[int], list[int]]  # (tokens, loss mask ending with MASK_END)
+Shard = tuple[list[int], list[int], int]  # (tokens, mask, examples) of one shard
 
-def tokenize_split(conversations: list[list[Turn]], split: str, max_len: int, shard_size: int) -> tuple[list, dict]:
-    """Encode one split: ([(tokens, mask, examples) per shard], counts). A shard closes before the
-    example that would take it past shard_size tokens, so no example spans two shards."""
-    c: Counter = Counter(dict.fromkeys(COUNT_KEYS, 0))
-    shards: list[tuple[list[int], list[int], int]] = []
+
+def pack_shards(units: Iterable[list[Example]], shard_size: int) -> list[Shard]:
+    """Examples back to back in shards of at most shard_size tokens (a longer unit gets a shard of its
+    own). A unit (an example, or a preference pair's two) never spans two shards: a shard closes
+    before the unit that would take it past shard_size."""
+    shards: list[Shard] = []
     tokens: list[int] = []
     mask: list[int] = []
     n_examples = 0
+    for unit in units:
+        if tokens and len(tokens) + sum(len(t) for t, _ in unit) > shard_size:
+            shards.append((tokens, mask, n_examples))
+            tokens, mask, n_examples = [], [], 0
+        for example, example_mask in unit:
+            tokens += example
+            mask += example_mask
+            n_examples += 1
+    return shards + [(tokens, mask, n_examples)]
+
+
+def tokenize_split(conversations: list[list[Turn]], split: str, max_len: int, shard_size: int) -> tuple[list[Shard], dict]:
+    """Encode one split: (shards, counts)."""
+    c: Counter = Counter(dict.fromkeys(COUNT_KEYS, 0))
+    units = []
     for turns in tqdm(conversations, desc=f"tokenizing {split}", unit="conversation"):
         examples, counts = encode_conversation(turns, max_len)
         c.update(counts)
         c["conversations"] += 1
         for example, example_mask in examples:
-            if tokens and len(tokens) + len(example) > shard_size:
-                shards.append((tokens, mask, n_examples))
-                tokens, mask, n_examples = [], [], 0
-            tokens += example
-            mask += example_mask
-            n_examples += 1
+            units.append([(example, example_mask)])
             c["examples"] += 1
             c["tokens"] += len(example)
             c["response_tokens"] += sum(m > 0 for m in example_mask)
     if not c["examples"]:
         raise DataError(f"every {split} example was dropped as longer than --max_len {max_len}: raise --max_len")
-    return shards + [(tokens, mask, n_examples)], dict(c)
+    return pack_shards(units, shard_size), dict(c)
+
+
+def write_masked_shards(out_dir: str | Path, tokenized: dict[str, tuple[list[Shard], dict]], *, kind: str,
+                        producer: str, source: str, settings: dict, counts: dict) -> dict:
+    """Write the token and mask shards of every split, then the manifest (kind, counts: each split's
+    beside the given ones); return it. Shards of an earlier preparation in out_dir that the new
+    manifest no longer lists are removed. The caller tokenizes everything first, so a failure there
+    leaves out_dir as it was."""
+    out_dir = Path(out_dir)
+    previous = read_manifest(out_dir, producer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out_dir)
+    shards = []
+    counts = dict(counts)
+    for split, (split_shards, split_counts) in tokenized.items():
+        counts[split] = split_counts
+        for index, (tokens, mask, n_examples) in enumerate(split_shards):
+            entry = write_shard(out_dir, token_name(split, index), np.array(tokens, dtype=np.uint16))
+            mask_entry = write_shard(out_dir, mask_name(split, index), np.array(mask, dtype=np.uint8))
+            shards.append(entry | {"split": split, "examples": n_examples,
+                                   "mask_file": mask_entry["file"], "mask_sha256": mask_entry["sha256"]})
+    manifest = {"format": SHARD_FORMAT, "kind": kind, "mask_values": MASK_VALUES, "producer": producer,
+                "source": source, "settings": settings, "counts": counts, "shards": shards}
+    write_manifest(out_dir, manifest)
+    listed = {s["file"] for s in shards} | {s["mask_file"] for s in shards}
+    for old in previous["shards"] if previous else []:
+        for name in (old["file"], old["mask_file"]):
+            if name not in listed:
+                (out_dir / name).unlink(missing_ok=True)  # the earlier preparation had more shards
+    return manifest
 
 
 def write_instruction_shards(
@@ -375,32 +424,12 @@ def write_instruction_shards(
     """Tokenize every split, then write the token and mask shards and last the manifest; return it.
 
     Everything is tokenized before the first file is written, so a failure leaves out_dir as it was.
-    Shards of an earlier preparation in out_dir that the new manifest no longer lists are removed.
     """
-    out_dir = Path(out_dir)
-    check_out_dir(out_dir, producer)
+    check_out_dir(Path(out_dir), producer)
     tokenized = {split: tokenize_split(splits[split], split, max_len, shard_size) for split in SPLITS}
-    previous = read_manifest(out_dir, producer)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(out_dir)
-    shards = []
     counts = {"records": sum(len(r) for r in splits.values()) + invalid_skipped, "invalid_skipped": invalid_skipped}
-    for split, (split_shards, split_counts) in tokenized.items():
-        counts[split] = split_counts
-        for index, (tokens, mask, n_examples) in enumerate(split_shards):
-            entry = write_shard(out_dir, token_name(split, index), np.array(tokens, dtype=np.uint16))
-            mask_entry = write_shard(out_dir, mask_name(split, index), np.array(mask, dtype=np.uint8))
-            shards.append(entry | {"split": split, "examples": n_examples,
-                                   "mask_file": mask_entry["file"], "mask_sha256": mask_entry["sha256"]})
-    manifest = {"format": SHARD_FORMAT, "kind": KIND, "mask_values": MASK_VALUES, "producer": producer,
-                "source": source, "settings": settings, "counts": counts, "shards": shards}
-    write_manifest(out_dir, manifest)
-    listed = {s["file"] for s in shards} | {s["mask_file"] for s in shards}
-    for old in previous["shards"] if previous else []:
-        for name in (old["file"], old["mask_file"]):
-            if name not in listed:
-                (out_dir / name).unlink(missing_ok=True)  # the earlier preparation had more shards
-    return manifest
+    return write_masked_shards(out_dir, tokenized, kind=KIND, producer=producer, source=source, settings=settings,
+                               counts=counts)
 
 
 def add_prep_args(parser: argparse.ArgumentParser, out_dir: str) -> None:

@@ -27,12 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from data_prep.instruction_shards import jsonl_rows, read_rows
 from model.atomic import atomic_write
-from model.compute import pick_device
+from model.compute import Compute, pick_device
+from model.data import InstructionLoader
 from model.engine import SamplingParams, generate_batch
 from model.gpt import GPT
 from model.pretrained import load_pretrained
 from model.prompt import Turn, prompt_tokens
 from model.shards import DataError
+from model.tokenizer import decode
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,39 @@ def format_side_by_side(questions: list[Question], answers: dict[str, list[str]]
             mark = "right" if is_match(texts[i], q.expected) else "wrong"
             lines.append(f"   {name:{width}s}  {mark}  {json.dumps(texts[i].strip()[:70])}")
     return "\n".join(lines)
+
+
+def sample_answers(loader: InstructionLoader, num_samples: int, max_tokens: int, compute: Compute):
+    """An evaluation (model/trainer.py) that answers the prompts of the first val examples (or pairs)
+    greedily, on rank 0, for the log."""
+    prompts = [loader.prompt_tokens(i) for i in range(min(num_samples, loader.num_examples()))]
+
+    def evaluate(model: GPT) -> dict:
+        if not compute.master:
+            return {}
+        answers = generate_batch(model, prompts, SamplingParams(max_tokens=max_tokens, temperature=0))
+        samples = [{"prompt": decode(p), "answer": a} for p, a in zip(prompts, answers)]
+        for s in samples:
+            compute.print0(f"{s['prompt']}{s['answer']}\n" + "-" * 40)
+        return {"samples": samples}
+
+    return evaluate
+
+
+def exact_match_evaluation(paths: list[str], compute: Compute):
+    """An evaluation (model/trainer.py) that logs the exact-match accuracy of greedy answers to the records in paths
+    (on rank 0): overall, single- and multi-turn, and per "split" field where the records have one."""
+    questions = load_questions(paths)
+
+    def evaluate(model: GPT) -> dict:
+        if not compute.master:
+            return {}
+        result = score(questions, answer(model, questions))
+        splits = {f"exact_match_{k.replace(' ', '_').replace('-', '_')}": v["accuracy"]
+                  for field in ("by_split", "by_turns") for k, v in result[field].items()}
+        return {"exact_match": result["accuracy"], **splits}
+
+    return evaluate
 
 
 def main(argv: list[str] | None = None) -> int:

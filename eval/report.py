@@ -10,6 +10,10 @@ Written (each plot only when its data is in the log):
     lr.png           the learning rate schedule
     hellaswag.png    acc_norm and acc, against OpenAI's GPT-2 124M (0.2955) and chance (0.25)
     throughput.png   tokens/s, and MFU where the log has it
+    reward_accuracy.png, rewards.png
+                     preference tuning (model/dpo.py): the share of pairs whose chosen reply has the
+                     higher reward, and the mean chosen and rejected rewards and their margin, train
+                     (smoothed) and val
     metric_KEY.png   one per other numeric key an evaluation logged (e.g. metric_exact_match.png), with
                      the keys that break it down (exact_match_new_operands, ...) as further lines
 
@@ -39,14 +43,18 @@ from model.atomic import atomic_write
 from model.cli import HelpFormatter
 
 TRAIN_KEYS = ("train_loss", "lr", "grad_norm", "dt_ms", "tokens_per_s", "mfu")
-KNOWN_EVAL_KEYS = ("val_loss", "hellaswag_acc_norm", "hellaswag_acc")
+# figures model/dpo.py logs every step, and as val_KEY at evaluations: (file, title, keys drawn together)
+DPO_PLOTS = (("reward_accuracy.png", "Reward accuracy", ("reward_accuracy",)),
+             ("rewards.png", "Rewards", ("reward_chosen", "reward_rejected", "reward_margin")))
+DPO_KEYS = tuple(k for _, _, keys in DPO_PLOTS for key in keys for k in (key, "val_" + key))
+KNOWN_EVAL_KEYS = ("val_loss", "hellaswag_acc_norm", "hellaswag_acc", *DPO_KEYS)
 GPT2_HELLASWAG = 0.2955  # OpenAI GPT-2 124M's acc_norm, the usual target of a 124M reproduction
 CHANCE = 0.25  # four endings
 # args.json keys shown in the settings table, in this order, where the run has them
 KEY_SETTINGS = (
     "init_from", "pretrained_checkpoint", "data_dir", "max_steps", "epochs", "max_lr", "min_lr_frac",
     "warmup_steps", "weight_decay", "total_batch_size", "batch_size", "seq_len", "n_layer", "n_head",
-    "n_embd", "dropout", "dtype", "compile", "seed",
+    "n_embd", "dropout", "dtype", "compile", "seed", "sft_checkpoint", "beta", "sft_weight",
 )
 FIGSIZE, DPI = (7, 4), 110
 
@@ -221,6 +229,32 @@ def plot_throughput(tokens_per_s: list[tuple[int, float]], mfu: list[tuple[int, 
     _finish(fig, ax, "Throughput", "tokens/s", path, legend=False)
 
 
+def plot_train_val(title: str, series: dict[str, list[tuple[int, float]]], keys: tuple[str, ...], path: Path) -> None:
+    """Figures logged every training step (smoothed, raw faint behind) and at evaluations (val_KEY,
+    markers), one colour per key; a fraction is drawn in percent."""
+    fig, ax = _figure()
+    drawn = [series.get(k, []) + series.get("val_" + k, []) for k in keys]
+    fraction = all(0 <= v <= 1 for points in drawn for _, v in points)
+    scale = 100 if fraction else 1
+    for i, key in enumerate(keys):
+        label, colour = key.removeprefix("reward_").replace("_", " "), METRIC_COLOURS[i]
+        if series.get(key):
+            steps, values = _xy(series[key])
+            window = smoothing_window(len(values))
+            ax.plot(steps, [scale * v for v in values], lw=0.6, alpha=0.25, color=colour)
+            ax.plot(steps, [scale * v for v in smooth(values, window)], lw=1.8, color=colour,
+                    label=f"{label}, train (mean of last {window} steps)")
+        if series.get("val_" + key):
+            steps, values = _xy(series["val_" + key])
+            ax.plot(steps, [scale * v for v in values], ls="none", marker=METRIC_MARKERS[i], ms=5, color=colour,
+                    label=f"{label}, val", zorder=3)
+    if fraction:
+        ax.set_ylim(-2, 102)
+    else:
+        ax.axhline(0, lw=0.8, color="gray")
+    _finish(fig, ax, title, title.lower() + (" (%)" if fraction else " (beta x log-prob ratio)"), path)
+
+
 # well apart from each other, in order, for a metric and its breakdowns (matplotlib's C4-C9 have near twins)
 METRIC_COLOURS = ("#1f3b99", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#17becf", "#8c564b", "#e377c2")
 METRIC_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -275,6 +309,10 @@ def write_plots(log: RunLog, out_dir: Path) -> list[tuple[str, str]]:
     if s.get("tokens_per_s"):
         plot_throughput(s["tokens_per_s"], s.get("mfu", []), out_dir / "throughput.png")
         written.append(("Throughput", "throughput.png"))
+    for filename, title, keys in DPO_PLOTS:
+        if any(s.get(k) or s.get("val_" + k) for k in keys):
+            plot_train_val(title, s, keys, out_dir / filename)
+            written.append((title, filename))
     for name, keys in other_metrics(log).items():
         plot_metric(name, {k: s[k] for k in keys}, out_dir / metric_filename(name))
         written.append((name, metric_filename(name)))
@@ -340,6 +378,11 @@ def summary_lines(log: RunLog, args: dict) -> list[str]:
             best = _best(points, highest=True)
             best_text = f", best {best[1]:.4f} (step {best[0]})" if best else ""
             lines.append(f"- {name}: last {points[-1][1]:.4f} (step {points[-1][0]}){best_text}")
+    for key in ("reward_accuracy", "reward_margin"):
+        if s.get("val_" + key):
+            step, value = s["val_" + key][-1]
+            lines.append(f"- Val {key.replace('_', ' ')}: {s['val_' + key][0][1]:.4f} (step {s['val_' + key][0][0]}) "
+                         f"-> {value:.4f} (step {step})")
     throughput = _steady(s.get("tokens_per_s", []))
     if throughput:
         text = f"- Throughput: median {statistics.median(throughput):,.0f} tokens/s"

@@ -5,7 +5,7 @@
     model       state dict of the bare GPT: no "module." (DDP) or "_orig_mod." (compile) prefixes
     config      the GPTConfig as a plain dict, so GPT(GPTConfig(**ck["config"])) rebuilds the model
     step        optimizer steps completed
-    kind        which script wrote it: "pretrain" or "sft"
+    kind        which script wrote it: "pretrain", "sft" or "dpo"
     train_loss  last training loss (float or None)
     val_loss    last validation loss (float or None)
     args        the flags of the run (a plain dict)
@@ -13,6 +13,7 @@
     optimizer   optimizer.state_dict()
     loader      the training loader's position (a plain dict)
     rng         one dict per rank of every RNG state (torch, cuda, numpy, python)
+    reference_logps  (dpo) the frozen reference's log-probs of every pair: {"train", "val"} tensors
 
 Everything loads with torch.load(weights_only=True): a checkpoint is data, never code. Writes go to
 a temporary file that is fsynced and then renamed, so a reader never sees a half-written step_*.pt.
@@ -109,7 +110,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def checkpoint_kind(path: str | Path) -> str | None:
-    """The stage that wrote a checkpoint ("pretrain" or "sft"; None if it does not say or cannot be
+    """The stage that wrote a checkpoint ("pretrain", "sft" or "dpo"; None if it does not say or cannot be
     read), without reading its tensors: they are memory-mapped, not loaded."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -1,5 +1,6 @@
 """Loaders that feed prepared shards (model/shards.py) to training, batch by batch, resumably:
-contiguous token windows for pretraining, whole masked examples for instruction tuning."""
+contiguous token windows for pretraining, whole masked examples for instruction tuning, and pairs of
+them (a chosen and a rejected reply to one prompt) for preference tuning."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ from model.tokenizer import EOT
 
 # what makes instruction data, named in the errors that tell a user to make some
 INSTRUCTION_PRODUCERS = "data_prep/prepare_dolly.py (or prepare_custom_dataset.py, prepare_chat.py)"
+PREFERENCE_PRODUCER = "data_prep/prepare_preferences.py"
+# manifest kind of masked shards -> (what makes them, what they are called, what trains on them)
+MASKED_KINDS = {
+    "instructions": (INSTRUCTION_PRODUCERS, "instruction data", "model/finetune_dolly.py"),
+    "preferences": (PREFERENCE_PRODUCER, "preference pairs", "model/dpo.py"),
+}
 
 
 class TokenShardLoader:
@@ -43,10 +50,11 @@ class TokenShardLoader:
                 f"no prepared data in {data_dir} (no {MANIFEST}): run {producer} first (FineWeb-Edu from the Hub, "
                 f"or --input FILE for your own text, then --data_dir its --out_dir); offline and in minutes: the "
                 "README's CPU quick start, or make demo for every stage at once")
-        if manifest.get("kind") == "instructions":
+        if manifest.get("kind") in MASKED_KINDS:
+            _, what, trainer = MASKED_KINDS[manifest["kind"]]
             raise DataError(
-                f"{data_dir} holds instruction data from {manifest['producer']}: fine-tune on it with "
-                f"model/finetune_dolly.py; pretraining reads shards from {producer}"
+                f"{data_dir} holds {what} from {manifest['producer']}: train on it with {trainer}; "
+                f"pretraining reads shards from {producer}"
             )
         # False while data prep is still running (or was stopped): what is there so far can be trained on
         self.complete = manifest.get("complete", True)
@@ -130,17 +138,21 @@ class InstructionLoader:
     padded to the longest row of the micro-batch; padding is ignored too, so the loss is over
     trained reply tokens only.
 
-    Order: the global micro-batch is batch_size * world_size examples and rank r takes rows
-    [r*B, (r+1)*B) of it. With shuffle (training), every epoch draws a permutation seeded by
-    (seed, epoch); with bucket, each window of BUCKET_WINDOW global batches of that permutation is
-    sorted by length before it is cut into batches, and the batches are shuffled, so a batch holds
-    examples of similar length (less padding) while the order stays random. A final partial global
-    batch is left out of the epoch (a different remainder each epoch). Without shuffle (validation)
-    the examples go shortest first and the last batch is filled up with empty rows, so one pass
-    reads every example exactly once. The position is (epoch, batch) and the same on every rank.
+    Order: the global micro-batch is batch_size * world_size items (examples; pairs of them in
+    PairLoader) and rank r takes items [r*B, (r+1)*B) of it. With shuffle (training), every epoch
+    draws a permutation seeded by (seed, epoch); with bucket, each window of BUCKET_WINDOW global
+    batches of that permutation is sorted by length before it is cut into batches, and the batches
+    are shuffled, so a batch holds items of similar length (less padding) while the order stays
+    random. A final partial global batch is left out of the epoch (a different remainder each
+    epoch). Without shuffle (validation) the items go shortest first and the last batch is filled up
+    with empty items, so one pass reads every item exactly once. The position is (epoch, batch) and
+    the same on every rank.
     """
 
     BUCKET_WINDOW = 32
+    KIND = "instructions"  # the manifest kind read
+    PER_ITEM = 1  # consecutive examples that make one item
+    ITEM = "examples"
 
     def __init__(
         self,
@@ -157,10 +169,14 @@ class InstructionLoader:
     ):
         self.B, self.rank, self.world_size = batch_size, rank, world_size
         self.shuffle, self.bucket, self.seed = shuffle, bucket, seed
-        self.tokens, self.mask = load_instruction_split(data_dir, split)
-        ends = np.flatnonzero(self.mask == MASK_END) + 1
-        self.starts = np.concatenate([[0], ends[:-1]])
-        self.lengths = ends - self.starts
+        self.tokens, self.mask = load_masked_split(data_dir, split, self.KIND)
+        self.ends = np.flatnonzero(self.mask == MASK_END) + 1
+        self.starts = np.concatenate([[0], self.ends[:-1]])
+        example_lengths = self.ends - self.starts
+        if len(example_lengths) % self.PER_ITEM:
+            raise DataError(f"the {split} split of {data_dir} holds an odd number of examples, so not whole pairs: "
+                            f"run {MASKED_KINDS[self.KIND][0]} again")
+        self.lengths = example_lengths.reshape(-1, self.PER_ITEM).max(1)  # an item's longest example
         if block_size is not None and self.lengths.max() - 1 > block_size:
             raise DataError(
                 f"{data_dir} holds examples of up to {self.lengths.max()} tokens, more than the model's context of "
@@ -169,14 +185,14 @@ class InstructionLoader:
         self.global_batch = batch_size * world_size
         if shuffle and len(self.lengths) < self.global_batch:
             raise DataError(
-                f"the {split} split of {data_dir} has {len(self.lengths)} examples, fewer than one global micro-batch "
+                f"the {split} split of {data_dir} has {len(self.lengths)} {self.ITEM}, fewer than one global micro-batch "
                 f"of batch_size * ranks = {self.global_batch}: lower --batch_size"
             )
         self.epoch, self.batch = 0, 0
         self._plan = self._epoch_plan(0)
 
     def _epoch_plan(self, epoch: int) -> np.ndarray:
-        """Example indices of every global batch of an epoch, (batches, B * world_size); -1 = an empty row."""
+        """Item indices of every global batch of an epoch, (batches, B * world_size); -1 = an empty item."""
         n, g = len(self.lengths), self.global_batch
         if not self.shuffle:
             order = np.argsort(self.lengths, kind="stable")
@@ -194,27 +210,34 @@ class InstructionLoader:
         """Back to the first batch of the first epoch (validation reads the same batches every time)."""
         self.load_state_dict({"epoch": 0, "batch": 0})
 
+    def _next_items(self) -> np.ndarray:
+        """This rank's item indices of the next global batch (-1: empty), and the position moved on."""
+        items = self._plan[self.batch][self.rank * self.B : (self.rank + 1) * self.B]
+        self.load_state_dict({"epoch": self.epoch, "batch": self.batch + 1})  # at the epoch's end, the next
+        return items
+
+    def _example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, mask) of example i, in file order."""
+        return self.tokens[self.starts[i] : self.ends[i]], self.mask[self.starts[i] : self.ends[i]]
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (x, y), each int64 (B, longest row) on the CPU."""
-        rows = self._plan[self.batch][self.rank * self.B : (self.rank + 1) * self.B]
-        spans = [(self.starts[i], self.starts[i] + self.lengths[i]) for i in rows if i >= 0]  # empty rows come last
-        batch = padded_batch([(self.tokens[s:e], self.mask[s:e]) for s, e in spans], self.B)
-        self.load_state_dict({"epoch": self.epoch, "batch": self.batch + 1})  # at the epoch's end, the next
-        return batch
+        return padded_batch([self._example(i) for i in self._next_items() if i >= 0], self.B)  # empty rows come last
 
     def num_batches(self) -> int:
         """Micro-batches in one epoch."""
         return len(self._plan)
 
     def num_examples(self) -> int:
+        """Items (examples; pairs in PairLoader) in the split."""
         return len(self.lengths)
 
     def prompt_tokens(self, i: int) -> list[int]:
-        """The prompt of example i's last trained reply, in file order: every token before that reply
-        (for a conversation, the earlier turns with their replies)."""
-        s, n = self.starts[i], self.lengths[i]
-        reply_start = int(np.flatnonzero(self.mask[s : s + n] == 0)[-1]) + 1
-        return self.tokens[s : s + reply_start].tolist()
+        """The prompt of item i's (first example's) last trained reply, in file order: every token before
+        that reply (for a conversation, the earlier turns with their replies)."""
+        tokens, mask = self._example(i * self.PER_ITEM)
+        reply_start = int(np.flatnonzero(mask == 0)[-1]) + 1
+        return tokens[:reply_start].tolist()
 
     def state_dict(self) -> dict:
         """The position: plain ints, the same on every rank."""
@@ -228,6 +251,35 @@ class InstructionLoader:
         self.epoch, self.batch = state["epoch"], state["batch"]
         if self.batch >= len(self._plan):
             self.load_state_dict({"epoch": self.epoch + 1, "batch": 0})
+
+
+class PairLoader(InstructionLoader):
+    """Batches (x, y, pairs) of preference pairs from data_prep/prepare_preferences.py's shards: pair i
+    is examples 2i (the prompt and its chosen reply) and 2i+1 (the same prompt and the rejected reply).
+
+    x and y are (2B, longest row) as in InstructionLoader, with y's targets on each reply and its
+    <|endoftext|>: rows [0, B) hold the chosen replies, rows [B, 2B) the rejected ones in the same
+    order. pairs (B,) are the pair indices (-1: an empty pair, whose rows are all padding) and
+    reference (B, 2) the pairs' rows of the `reference` table a run sets (model/dpo.py: the frozen
+    reference's log-probs of chosen and rejected; zeros until it is set). Order, bucketing and
+    resume as InstructionLoader's, a pair being one item of the longer of its two examples' length.
+    """
+
+    KIND = "preferences"
+    PER_ITEM = 2
+    ITEM = "pairs"
+    reference: torch.Tensor | None = None  # (pairs, 2) float32
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next (x, y, pairs, reference): int64 (2B, longest row) twice, int64 (B,) and float32 (B, 2), on the CPU."""
+        pairs = torch.from_numpy(self._next_items().astype(np.int64))
+        kept = pairs[pairs >= 0].tolist()  # empty pairs come last
+        empty = [(np.array([EOT]), np.array([0]))] * (self.B - len(kept))
+        x, y = padded_batch([self._example(2 * i) for i in kept] + empty + [self._example(2 * i + 1) for i in kept], 2 * self.B)
+        reference = torch.zeros(self.B, 2)
+        if self.reference is not None:
+            reference[: len(kept)] = self.reference[kept]
+        return x, y, pairs, reference
 
 
 def padded_batch(examples: list[tuple], rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,16 +298,17 @@ def padded_batch(examples: list[tuple], rows: int | None = None) -> tuple[torch.
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def load_instruction_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """The tokens and loss mask of one split of prepared instruction data, every shard checked."""
-    manifest = read_manifest(data_dir, INSTRUCTION_PRODUCERS)
+def load_masked_split(data_dir: str | Path, split: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens and loss mask of one split of prepared masked data of `kind` (MASKED_KINDS: instruction
+    data or preference pairs), every shard checked."""
+    producers, what, _ = MASKED_KINDS[kind]
+    manifest = read_manifest(data_dir, producers)
     if manifest is None:
-        raise DataError(f"no prepared data in {data_dir} (no {MANIFEST}): run {INSTRUCTION_PRODUCERS} first")
-    if manifest.get("kind") != "instructions":
-        raise DataError(
-            f"{data_dir} holds pretraining shards from {manifest.get('producer')}, not instruction data: "
-            f"run {INSTRUCTION_PRODUCERS} and pass its --out_dir"
-        )
+        raise DataError(f"no prepared data in {data_dir} (no {MANIFEST}): run {producers} first")
+    if manifest.get("kind") != kind:
+        found = (f"{MASKED_KINDS[manifest['kind']][1]} from {manifest.get('producer')}, for {MASKED_KINDS[manifest['kind']][2]}"
+                 if manifest.get("kind") in MASKED_KINDS else f"pretraining shards from {manifest.get('producer')}")
+        raise DataError(f"{data_dir} holds {found}, not {what}: run {producers} and pass its --out_dir")
     producer = manifest["producer"]
     if manifest.get("mask_values") != MASK_VALUES:
         raise DataError(f"{data_dir} was prepared by an earlier version of {producer}, whose masks do not mark where "

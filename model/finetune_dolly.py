@@ -35,16 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 import torch
 
-from eval.exact_match import answer, load_questions, score
+from eval.exact_match import exact_match_evaluation, sample_answers
 from eval.hellaswag import add_hellaswag_args, hellaswag_evaluation
 from model.checkpoint import model_from_checkpoint
 from model.cli import HelpFormatter
-from model.compute import Compute, cleanup, setup_compute
+from model.compute import cleanup, setup_compute
 from model.data import InstructionLoader
-from model.engine import SamplingParams, generate_batch
 from model.gpt import GPT
 from model.pretrained import load_pretrained, with_dropout
-from model.tokenizer import decode
 from model.trainer import (
     BETAS,
     add_training_args,
@@ -109,38 +107,6 @@ def starting_model(args: argparse.Namespace, resume_ckpt: dict | None) -> GPT:
         )
     base, _ = load_pretrained(args.pretrained_checkpoint, args.init_from)
     return with_dropout(base, args.dropout)
-
-
-def sample_answers(loader: InstructionLoader, num_samples: int, max_tokens: int, compute: Compute):
-    """An evaluation that answers the first val instructions greedily (on rank 0) for the log."""
-    prompts = [loader.prompt_tokens(i) for i in range(min(num_samples, loader.num_examples()))]
-
-    def evaluate(model: GPT) -> dict:
-        if not compute.master:
-            return {}
-        answers = generate_batch(model, prompts, SamplingParams(max_tokens=max_tokens, temperature=0))
-        samples = [{"prompt": decode(p), "answer": a} for p, a in zip(prompts, answers)]
-        for s in samples:
-            compute.print0(f"{s['prompt']}{s['answer']}\n" + "-" * 40)
-        return {"samples": samples}
-
-    return evaluate
-
-
-def exact_match_evaluation(paths: list[str], compute: Compute):
-    """An evaluation that logs the exact-match accuracy of greedy answers to the records in paths
-    (on rank 0): overall, single- and multi-turn, and per "split" field where the records have one."""
-    questions = load_questions(paths)
-
-    def evaluate(model: GPT) -> dict:
-        if not compute.master:
-            return {}
-        result = score(questions, answer(model, questions))
-        splits = {f"exact_match_{k.replace(' ', '_').replace('-', '_')}": v["accuracy"]
-                  for field in ("by_split", "by_turns") for k, v in result[field].items()}
-        return {"exact_match": result["accuracy"], **splits}
-
-    return evaluate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -188,17 +188,20 @@ class GPT(nn.Module):
         """Logits (B, T, vocab_size) for token ids idx (B, T), and a loss when targets are given.
 
         reduction: "mean" over the targets that are not IGNORE_INDEX, "sum" of them, or "none" for
-        the per-token loss (B, T) with 0 at ignored positions. return_logits=False (with targets and
-        a "mean" or "sum" reduction) returns no logits and runs lm_head only where there is a target:
-        the same loss, far cheaper when most positions are ignored, as the prompts of instruction
-        tuning are (lm_head is most of a small model's compute), and on CPU fused with lm_head
+        the per-token loss (B, T) with 0 at ignored positions. return_logits=False (with targets)
+        returns no logits and runs lm_head only where there is a target: the same loss, far cheaper
+        when most positions are ignored, as the prompts of instruction tuning and DPO are (lm_head is
+        most of a small model's compute), and for "mean" or "sum" on CPU fused with lm_head
         (model/lm_loss.py).
         """
         B, T = idx.size()
         x = self.hidden(idx)  # (B, T, n_embd)
-        if targets is not None and not return_logits and reduction != "none":
+        if targets is not None and not return_logits:
             keep = targets != IGNORE_INDEX
-            return None, lm_loss(x[keep], self.lm_head, targets[keep], reduction)
+            if reduction != "none":
+                return None, lm_loss(x[keep], self.lm_head, targets[keep], reduction)
+            per_token = F.cross_entropy(self.lm_head(x[keep]).float(), targets[keep], reduction="none")
+            return None, torch.zeros(B, T, dtype=per_token.dtype, device=x.device).masked_scatter(keep, per_token)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         if targets is None:
             return logits, None

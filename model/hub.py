@@ -35,16 +35,16 @@ def probe_hub(timeout: float = PROBE_TIMEOUT) -> bool:
         return False
 
 
-def load_hub_dataset(path: str, split: str, name: str | None = None):
-    """datasets.load_dataset(path, name, split=split), the Hub asked first (probe_hub): offline, the
+def load_hub_dataset(path: str, split: str, name: str | None = None, data_dir: str | None = None):
+    """datasets.load_dataset(path, name, split=split, data_dir=data_dir), the Hub asked first (probe_hub): offline, the
     local cache or an error at once. Raises OSError saying what could not be loaded and whether the
     Hub answered; the caller adds what to do instead (its --input)."""
     online = probe_hub()
     try:
         from datasets import load_dataset  # a slow import that only this path needs
 
-        return load_dataset(path, name=name, split=split)
+        return load_dataset(path, name=name, split=split, data_dir=data_dir)
     except Exception as e:  # offline, datasets raises ConnectionError, OSError, hub errors, ... depending on where
-        what = f"{path}{f' ({name})' if name else ''}, split {split}"
+        what = f"{path}{f' ({name or data_dir})' if name or data_dir else ''}, split {split}"
         raise OSError(f"could not load {what} from the Hugging Face Hub{'' if online else ' (no answer: offline)'} "
                       f"or its local cache: {type(e).__name__}: {e}") from None

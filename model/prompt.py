@@ -190,6 +190,18 @@ def chat_turns(messages: list, *, weights: bool = False, field: str = "messages"
     return turns
 
 
+def turn_messages(turns: list[Turn]) -> list[dict]:
+    """OpenAI chat messages that chat_turns maps back onto these turns: each turn's context messages,
+    its user message, and its reply (if any) as an assistant message."""
+    messages = []
+    for turn in turns:
+        messages += [{"role": role, "content": text} for role, text in turn.context]
+        messages.append({"role": "user", "content": turn.instruction})
+        if turn.reply is not None:
+            messages.append({"role": "assistant", "content": turn.reply})
+    return messages
+
+
 CACHED_TEXT_CHARS = 4096  # longer texts are encoded each time: the cache stays a few MB whatever comes in
 
 

@@ -1,16 +1,20 @@
-"""The training loop, written once, for pretraining (train_gpt2.py) and instruction tuning.
+"""The training loop, written once, for pretraining (train_gpt2.py), instruction tuning
+(finetune_dolly.py) and preference tuning (dpo.py).
 
-Each optimizer step takes `grad_accum` micro-batches per rank, averages the loss over every target
-token of the global batch (exactly, whatever the ranks and micro-steps, so 2 ranks x 1 micro-step
-equal 1 rank x 2), clips the gradient norm, sets the warmup + cosine learning rate and steps AdamW.
+Each optimizer step takes `grad_accum` micro-batches per rank, averages the loss over every unit of
+the global batch (target tokens for language modelling, pairs for DPO; exactly, whatever the ranks
+and micro-steps, so 2 ranks x 1 micro-step equal 1 rank x 2), clips the gradient norm, sets the
+warmup + cosine learning rate and steps AdamW. What is minimised is an Objective the script hands
+over: the language-model loss by default, DPO's from model/dpo.py.
 Around that: validation and evaluation hooks on the uncompiled model, atomic checkpoints, a JSONL
 log, and SIGTERM/SIGINT handling that saves a checkpoint and exits 0, for preemptible nodes.
 
 Resume is exact: a checkpoint holds the weights, the optimizer, the loader's position and every
 rank's RNG states, so a resumed run ends with the same weights as an uninterrupted one.
 
-A script supplies the model, the optimizer, loaders whose next_batch() returns (x, y) with y equal
-to IGNORE_INDEX wherever no loss is wanted, and the number of micro-steps per optimizer step.
+A script supplies the model, the optimizer, loaders whose next_batch() returns a tuple of tensors
+(x, y, ...) with y equal to IGNORE_INDEX wherever no loss is wanted, and the number of micro-steps
+per optimizer step.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ import math
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -53,7 +59,7 @@ BETAS = (0.9, 0.95)  # GPT-3's AdamW betas, as in GPT-2 reproductions
 
 
 class Loader(Protocol):
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def next_batch(self) -> tuple[torch.Tensor, ...]: ...
     def reset(self) -> None: ...
     def num_batches(self) -> int: ...
     def state_dict(self) -> dict: ...
@@ -62,6 +68,30 @@ class Loader(Protocol):
 
 # An evaluation run every `every` steps on the bare model: (every, fn(model) -> metrics to log).
 Evaluation = tuple[int, Callable[[GPT], dict]]
+
+
+@dataclass
+class Objective:
+    """What training minimises, one micro-batch at a time.
+
+    loss(module, batch) returns the loss summed over the batch's units and {name: summed value} of
+    figures to log beside it; count(batch) is the number of units. The loop divides both by the
+    units of the whole global step, so every unit weighs the same whatever the ranks and micro-steps.
+    """
+
+    loss: Callable[[nn.Module, tuple], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    count: Callable[[tuple], int]
+
+
+def language_model_objective(return_logits: bool = False) -> Objective:
+    """Cross-entropy over every target token (y != IGNORE_INDEX): pretraining and instruction tuning.
+    return_logits=False runs lm_head only where there are targets (loss_only_forward says when)."""
+
+    def loss(module: nn.Module, batch: tuple) -> tuple[torch.Tensor, dict]:
+        x, y = batch
+        return module(x, y, reduction="sum", return_logits=return_logits)[1], {}
+
+    return Objective(loss, lambda batch: int((batch[1] != IGNORE_INDEX).sum()))
 
 
 def add_training_args(
@@ -154,7 +184,7 @@ def get_lr(step: int, max_steps: int, max_lr: float, warmup_steps: int, min_lr_f
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
-SCRIPTS = {"pretrain": "model/train_gpt2.py", "sft": "model/finetune_dolly.py"}  # who writes each kind
+SCRIPTS = {"pretrain": "model/train_gpt2.py", "sft": "model/finetune_dolly.py", "dpo": "model/dpo.py"}  # who writes each kind
 
 
 def find_resume_checkpoint(resume: str | None, out_dir: str | Path, fresh_hint: str) -> Path | None:
@@ -307,21 +337,26 @@ def loss_only_forward(kind: str, device_type: str, compiled: bool) -> bool:
 
 
 @torch.inference_mode()
-def evaluate_loss(model: GPT, loader: Loader, steps: int, compute: Compute, dtype: str) -> float:
-    """Mean loss over every target token of `steps` micro-batches per rank (-1, or more than the split
-    holds: the whole split, each batch once)."""
+def evaluate_loss(model: GPT, loader: Loader, steps: int, compute: Compute, dtype: str, objective: Objective) -> dict:
+    """{"val_loss": mean loss, "val_NAME": mean of each figure the objective logs} over the units of
+    `steps` micro-batches per rank (-1, or more than the split holds: the whole split, each batch once)."""
     model.eval()
     loader.reset()
-    totals = torch.zeros(2, device=compute.device)  # summed loss, target tokens
+    totals, names = None, []
     for _ in range(loader.num_batches() if steps == -1 else min(steps, loader.num_batches())):
-        x, y = loader.next_batch()
-        x, y = x.to(compute.device), y.to(compute.device)
+        batch = tuple(t.to(compute.device) for t in loader.next_batch())
         with compute.autocast(dtype):
-            _, loss_sum = model(x, y, reduction="sum", return_logits=False)
-        totals += torch.stack([loss_sum.float(), (y != IGNORE_INDEX).sum().float()])
+            loss_sum, figures = objective.loss(model, batch)
+        names = list(figures)
+        step_totals = torch.stack([loss_sum.float(), torch.tensor(float(objective.count(batch)), device=compute.device),
+                                   *(v.float() for v in figures.values())])
+        totals = step_totals if totals is None else totals + step_totals
+    if totals is None:  # no batch to read
+        totals = torch.zeros(2, device=compute.device)
     compute.all_reduce(totals)
     model.train()
-    return (totals[0] / totals[1].clamp(min=1)).item()
+    mean = (totals / totals[1].clamp(min=1)).tolist()
+    return {"val_loss": mean[0]} | {f"val_{name}": v for name, v in zip(names, mean[2:])}
 
 
 def train(
@@ -335,8 +370,13 @@ def train(
     kind: str,
     resume_ckpt: dict | None = None,
     evaluations: list[Evaluation] = (),
+    objective: Objective | None = None,
+    run_state: dict | None = None,
 ) -> None:
-    """Train from step 0, or from resume_ckpt, through args.max_steps; the last pass only evaluates and saves."""
+    """Train from step 0, or from resume_ckpt, through args.max_steps; the last pass only evaluates and saves.
+
+    objective: what to minimise (default: the language-model loss). run_state: what else every
+    checkpoint carries for a resume (DPO's reference log-probs)."""
     out_dir = Path(args.out_dir)
     dtype = resolve_dtype(args.dtype, compute.device)
     if note := emulated_bf16_note(dtype, compute.device):
@@ -352,7 +392,11 @@ def train(
         if resume_ckpt:
             trim_log(log_path, start_step)
 
-    loss_only = loss_only_forward(kind, compute.device.type, args.compile)
+    if objective is None:
+        train_objective = language_model_objective(not loss_only_forward(kind, compute.device.type, args.compile))
+        val_objective = language_model_objective()
+    else:
+        train_objective = val_objective = objective
     # compile and wrap only the module that trains; evaluation and checkpoints use the bare `model`
     train_module = torch.compile(model) if args.compile else model
     if compute.ddp:
@@ -368,7 +412,7 @@ def train(
             state = model_state(model) | {
                 "kind": kind, "step": step, "train_loss": train_loss, "val_loss": val_loss, "args": vars(args),
                 "optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(), "rng": rngs,
-            }
+            } | (run_state or {})
             save_checkpoint(state, path)
             prune_checkpoints(out_dir, args.keep_last)
         compute.barrier()
@@ -396,10 +440,11 @@ def train(
             # evaluations never touch the training RNG streams, so turning them on changes no weights
             with torch.random.fork_rng(devices=[compute.device] if compute.device.type == "cuda" else []):
                 if last or (args.eval_every > 0 and step % args.eval_every == 0):
-                    val_loss = evaluate_loss(model, val_loader, args.val_steps, compute, dtype)
-                    compute.print0(f"step {step:6d} | val loss {val_loss:.4f}")
+                    val = evaluate_loss(model, val_loader, args.val_steps, compute, dtype, val_objective)
+                    val_loss = val["val_loss"]
+                    compute.print0(f"step {step:6d} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in val.items()))
                     if compute.master:
-                        append_log(log_path, {"step": step, "val_loss": val_loss})
+                        append_log(log_path, {"step": step, **val})
                 for every, evaluate in evaluations:
                     if last or (every > 0 and step % every == 0):
                         metrics = evaluate(model)
@@ -426,14 +471,15 @@ def train(
                 batches, data_error = [train_loader.next_batch() for _ in range(grad_accum)], None
             except DataError as e:  # a shard damaged since the run began
                 batches, data_error = [], str(e)
-            # [target tokens, ranks whose data failed]: one all-reduce tells every rank both
-            counts = torch.tensor([float(sum((y != IGNORE_INDEX).sum().item() for _, y in batches)),
+            # [units, target tokens, ranks whose data failed]: one all-reduce tells every rank all three
+            counts = torch.tensor([float(sum(train_objective.count(b) for b in batches)),
+                                   float(sum((b[1] != IGNORE_INDEX).sum().item() for b in batches)),
                                    float(data_error is not None)], device=compute.device)
             # copy every micro-batch now, while the GPU is idle: a copy from pageable host memory waits for
             # the queued kernels, so copying between micro-steps would leave the GPU idle at each one
-            batches = [(x.to(compute.device), y.to(compute.device)) for x, y in batches]
+            batches = [tuple(t.to(compute.device) for t in b) for b in batches]
             compute.all_reduce(counts)
-            if counts[1].item():
+            if counts[2].item():
                 # nothing of this step has run, so with the loader put back the state is that of a save at
                 # the step's start: every rank saves it together (keeping the steps done since the last
                 # save), then all stop
@@ -442,21 +488,29 @@ def train(
                 if step != last_saved:
                     message += f"\nsaved the steps done so far in {save(step)}: once the shard is whole again, rerun with --resume auto"
                 raise DataError(message)
-            n_targets = counts[0]
+            n_units = counts[0]
             # DDP averages gradients over ranks, so each rank divides by its share of the global count:
-            # the result is the mean over every target token of the global batch
-            norm = (n_targets / compute.world_size).clamp(min=1)
+            # the result is the mean over every unit of the global batch
+            norm = (n_units / compute.world_size).clamp(min=1)
             loss_sum_all = torch.zeros((), device=compute.device)
-            for micro, (x, y) in enumerate(batches):
+            figure_sums: dict[str, torch.Tensor] = {}
+            for micro, batch in enumerate(batches):
                 if compute.ddp:
                     # only the last micro-step all-reduces gradients; the others accumulate locally
                     train_module.require_backward_grad_sync = micro == grad_accum - 1
                 with compute.autocast(dtype):
-                    _, loss_sum = train_module(x, y, reduction="sum", return_logits=not loss_only)
+                    loss_sum, figures = train_objective.loss(train_module, batch)
                 loss = loss_sum / norm
                 loss.backward()
                 loss_sum_all += loss.detach()
+                for name, value in figures.items():
+                    figure_sums[name] = figure_sums.get(name, 0) + value.detach().float()
             compute.all_reduce(loss_sum_all, "mean")
+            if figure_sums:  # each figure's mean over the global step's units
+                summed = compute.all_reduce(torch.stack(list(figure_sums.values())))
+                figures = dict(zip(figure_sums, (summed / n_units.clamp(min=1)).tolist()))
+            else:
+                figures = {}
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
             lr = get_lr(step, args.max_steps, args.max_lr, args.warmup_steps, args.min_lr_frac)
             for group in optimizer.param_groups:
@@ -465,13 +519,15 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             train_loss = loss_sum_all.item()  # a sync point: the step's time below is real
             dt = time.time() - t0
-            tokens = int(n_targets.item())
-            record = {"step": step + 1, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+            tokens = int(counts[1].item())
+            record = {"step": step + 1, "train_loss": train_loss, **figures, "lr": lr, "grad_norm": grad_norm.item(),
                       "dt_ms": 1000 * dt, "tokens_per_s": tokens / dt}
-            line = (f"step {step + 1:6d}/{args.max_steps} | loss {train_loss:.6f} | lr {lr:.4e} | "
-                    f"norm {record['grad_norm']:.4f} | {record['dt_ms']:.0f} ms | {record['tokens_per_s']:,.0f} tok/s")
+            line = (f"step {step + 1:6d}/{args.max_steps} | loss {train_loss:.6f} | "
+                    + "".join(f"{k.replace('_', ' ')} {v:.4f} | " for k, v in figures.items())
+                    + f"lr {lr:.4e} | norm {record['grad_norm']:.4f} | {record['dt_ms']:.0f} ms | "
+                    f"{record['tokens_per_s']:,.0f} tok/s")
             if peak_flops:
-                record["mfu"] = model.flops_per_token(x.size(1)) * tokens / dt / (peak_flops * compute.world_size)
+                record["mfu"] = model.flops_per_token(batches[-1][0].size(1)) * tokens / dt / (peak_flops * compute.world_size)
                 line += f" | mfu {100 * record['mfu']:.1f}%"
             if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
                 compute.print0(line)

@@ -28,7 +28,7 @@ from conftest import REPO_ROOT
 from data_prep.instruction_shards import encode_conversation
 from eval.exact_match import main as exact_match_main
 from model.checkpoint import checkpoint_path, model_state, save_checkpoint
-from model.data import load_instruction_split, padded_batch
+from model.data import load_masked_split, padded_batch
 from model.gpt import GPT, GPTConfig
 from model.prompt import Turn, chat_turns, fit_turns, prompt_tokens, render_turns
 from model.shards import MASK_END
@@ -76,7 +76,7 @@ def examples_of(out_dir: Path) -> list[tuple[list[int], list[int]]]:
     """(tokens, mask) of every example of both splits, cut at each mask value MASK_END."""
     result = []
     for split in ("train", "val"):
-        tokens, mask = load_instruction_split(out_dir, split)
+        tokens, mask = load_masked_split(out_dir, split, "instructions")
         ends = np.flatnonzero(mask == MASK_END) + 1
         for start, end in zip(np.concatenate([[0], ends[:-1]]), ends):
             result.append((tokens[start:end].tolist(), mask[start:end].tolist()))
@@ -174,7 +174,7 @@ def test_sharegpt_gives_the_same_shards_as_the_same_chats_in_openai_format(prepa
     for path, out in ((openai_path, "o"), (share_path, "s")):
         assert custom.main([str(path), "--out_dir", str(tmp_path / out), "--val_fraction", "0.25"]) == 0
     for split in ("train", "val"):
-        a, b = load_instruction_split(tmp_path / "o", split), load_instruction_split(tmp_path / "s", split)
+        a, b = load_masked_split(tmp_path / "o", split, "instructions"), load_masked_split(tmp_path / "s", split, "instructions")
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 

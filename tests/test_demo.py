@@ -24,7 +24,8 @@ from serving import gunicorn_server
 from test_hellaswag import free_port
 
 # a shorter, narrower run than make demo's (which is measured in the README): minutes on 2 CPU cores
-SHORT = ["--n_layer", "4", "--n_embd", "64", "--pretrain_steps", "150", "--finetune_steps", "1000", "--finetune_batch_size", "16"]
+SHORT = ["--n_layer", "4", "--n_embd", "64", "--pretrain_steps", "150", "--finetune_steps", "1000", "--finetune_batch_size", "16",
+         "--graded_questions", "300", "--dpo_steps", "8"]
 
 
 class Demo:
@@ -116,11 +117,21 @@ def test_demo_runs_every_stage_and_serves_the_tuned_model(first_run):
     runs, port, records = first_run.runs, first_run.port, first_run.records
     output = "".join(first_run.demo.lines)
     for stage in ("demo_corpus.py", "fineweb.py", "train_gpt2.py", "prepare_custom_dataset.py",
-                  "finetune_dolly.py", "exact_match.py", "report.py", "gunicorn"):
+                  "finetune_dolly.py", "graded_pairs.py", "prepare_preferences.py", "dpo.py", "exact_match.py",
+                  "report.py", "gunicorn"):
         assert stage in output
-    for run in ("pretrained", "tuned"):
+    for run in ("pretrained", "tuned", "dpo"):
         assert (runs / run / "report.md").is_file() and (runs / run / "loss.png").is_file()
     assert (runs / "tuned" / "metric_exact_match.png").is_file()  # held-out accuracy over fine-tuning
+    assert (runs / "dpo" / "reward_accuracy.png").is_file() and (runs / "dpo" / "rewards.png").is_file()
+    # the pairs are the tuned model's own wrong answers to training questions, against the right ones
+    pairs = [json.loads(line) for line in (first_run.work / "graded_pairs.jsonl").read_text().splitlines()]
+    assert pairs and all(p["chosen"].strip() != p["rejected"].strip() for p in pairs)
+    source = first_run.work / "source"
+    asked = {r["instruction"] for r in map(json.loads, (source / "instructions.jsonl").read_text().splitlines())}
+    asked |= {[m for m in c["messages"] if m["role"] == "user"][-1]["content"]
+              for c in map(json.loads, (source / "conversations.jsonl").read_text().splitlines())}
+    assert all(p["messages"][-1]["content"] in asked for p in pairs)
 
     assert {r["split"] for r in records} == {"new operands", "new phrasing", "follow-up"}
     scored = json.loads((runs / "exact_match.json").read_text())["models"]
@@ -149,13 +160,13 @@ def test_the_printed_snippets_run_as_printed(first_run):
         result = subprocess.run(["bash", "-c", snippet], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and result.stdout.strip(), (snippet, result.stderr)
     assert json.loads(subprocess.run(["bash", "-c", curl], cwd=REPO_ROOT, capture_output=True, text=True,
-                                     timeout=60).stdout)["model"] == "tuned"
+                                     timeout=60).stdout)["model"] == "dpo"
 
 
-def test_the_serving_command_and_the_page_pick_the_tuned_model(first_run, tmp_path):
+def test_the_serving_command_and_the_page_pick_the_last_tuned_model(first_run, tmp_path):
     """What the demo prints (and the README gives) to serve its models again: the page that server
-    shows opens on the tuned model, marks the pretrained one as a base model, and answers a held-out
-    question as the evaluation scored it."""
+    shows opens on the preference-tuned model, marks the pretrained one as a base model, and answers a
+    held-out question as the evaluation scored it."""
     need_chromium()
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -166,16 +177,17 @@ def test_the_serving_command_and_the_page_pick_the_tuned_model(first_run, tmp_pa
     assert env.pop("NANOGPT_BIND") == f"127.0.0.1:{first_run.port}"
     assert env == {"NANOGPT_MODELS_DIR": str(first_run.runs), "NANOGPT_DROP_OLD_TURNS": "1"}
     assert shown.rstrip().endswith("gunicorn -c gunicorn_config.py web.app:app")
-    scored = json.loads((first_run.runs / "exact_match.json").read_text())["models"]["tuned"]
+    scored = json.loads((first_run.runs / "exact_match.json").read_text())["models"]["dpo"]
     question, answer = next((r, a) for r, a in zip(first_run.records, scored["answers"])
                             if "instruction" in r and not r["context"] and a.strip() == r["response"])
     with gunicorn_server(first_run.runs, tmp_path / "gunicorn.log", {"NANOGPT_DROP_OLD_TURNS": "1"}) as server, \
             chromium(tmp_path / "profile") as browser:
         assert "models directory" in server.log_text() and "tuned (sft)" in server.log_text()
+        assert "dpo (dpo)" in server.log_text()
         browser.get(server.url + "/")
-        until(browser, lambda d: len(Select(d.find_element(By.ID, "model")).options) == 2, "model list")
+        until(browser, lambda d: len(Select(d.find_element(By.ID, "model")).options) == 3, "model list")
         picker = Select(browser.find_element(By.ID, "model"))
-        assert picker.first_selected_option.get_attribute("value") == "tuned"
+        assert picker.first_selected_option.get_attribute("value") == "dpo"
         assert "pretrained (base model" in [o.text for o in picker.options][0]
         temperature = browser.find_element(By.ID, "temperature")
         temperature.clear()
@@ -196,8 +208,9 @@ def test_a_second_run_reuses_every_stage_and_serves_again(first_run):
     try:
         again.wait_for("serving:", timeout=300)
         output = "".join(again.lines)
-        assert output.count(": reused") == 4  # two prepared data sets and two finished runs
-        assert "train_gpt2.py" not in output and "finetune_dolly.py" not in output
+        # two prepared data sets, the graded pairs and their shards, and three finished runs
+        assert output.count(": reused") == 7
+        assert "train_gpt2.py" not in output and "finetune_dolly.py" not in output and "model/dpo.py" not in output
         client = OpenAI(base_url=f"http://127.0.0.1:{first_run.port}/v1", api_key="unused")
         scored = json.loads((first_run.runs / "exact_match.json").read_text())["models"]["tuned"]
         assert ask(client, first_run.records[0]) == scored["answers"][0]

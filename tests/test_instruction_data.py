@@ -22,7 +22,7 @@ import data_prep.prepare_custom_dataset as custom
 import data_prep.prepare_dolly as dolly
 from conftest import REPO_ROOT, make_shards
 from data_prep.instruction_shards import Record, encode_record, split_records
-from model.data import InstructionLoader, load_instruction_split
+from model.data import InstructionLoader, load_masked_split
 from model.gpt import GPT, IGNORE_INDEX, GPTConfig
 from model.prompt import render_prompt
 from model.shards import DataError, sha256_file
@@ -467,7 +467,7 @@ def test_failed_rerun_leaves_the_earlier_preparation_intact(tmp_path, capsys):
     assert prep(bad, out, "--val_fraction", "0.25", "--max_len", "32", "--seed", seed) == 2
     capsys.readouterr()
     assert file_hashes(out) == before
-    load_instruction_split(out, "train")
+    load_masked_split(out, "train", "instructions")
 
 
 def test_rerun_removes_shards_the_new_manifest_does_not_list(tmp_path):

@@ -497,8 +497,8 @@ def stream_response(completions: list[Completion], include_usage: bool, keepaliv
 
 def model_object(info, kind: str | None) -> dict:
     """OpenAI's model object, and `kind`: the stage that wrote the checkpoint ("pretrain": a base model
-    that continues text, "sft": instruction-tuned; null if it does not say). Clients ignore fields they
-    do not know; the chat page picks a tuned model with it."""
+    that continues text, "sft": instruction-tuned, "dpo": preference-tuned; null if it does not say).
+    Clients ignore fields they do not know; the chat page picks a tuned model with it."""
     return {"id": info.id, "object": "model", "created": info.created, "owned_by": "nanogpt-instruct", "kind": kind}
 
 

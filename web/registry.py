@@ -105,7 +105,7 @@ class ModelRegistry:
         return ModelInfo(model_id, checkpoint, int(checkpoint.stat().st_mtime))
 
     def kind(self, info: ModelInfo) -> str | None:
-        """The stage that wrote the model's checkpoint: "pretrain" (a base model), "sft" (tuned) or None."""
+        """The stage that wrote the model's checkpoint: "pretrain" (a base model), "sft" (instruction-tuned), "dpo" (preference-tuned) or None."""
         key = info.key()
         if key not in self._kinds:
             self._kinds[key] = checkpoint_kind(info.checkpoint)

@@ -37,7 +37,8 @@ function emptyPicker(why) {
 }
 
 // The model list. A base model (kind "pretrain": it continues text, it was never tuned to answer)
-// says so; the first choice is the one the user had, else an instruction-tuned model, else the first.
+// says so; the first choice is the one the user had, else the model of the last stage of tuning there
+// is (preference-tuned, then instruction-tuned), else the first.
 async function loadModels() {
   const select = $("model");
   const chosen = select.value;
@@ -57,7 +58,7 @@ async function loadModels() {
     showError("");
     select.replaceChildren(...models.map((m) =>
       new Option(m.kind === "pretrain" ? `${m.id} (base model: continues text)` : m.id, m.id)));
-    const tuned = models.find((m) => m.kind === "sft");
+    const tuned = models.find((m) => m.kind === "dpo") || models.find((m) => m.kind === "sft");
     select.value = models.some((m) => m.id === chosen) ? chosen : (tuned || models[0]).id;
   } catch (err) {
     emptyPicker("(no list: see above)");

@@ -16,14 +16,19 @@ import numpy as np
 import pytest
 import torch
 
+import data_prep.graded_pairs as graded_pairs
 import data_prep.prepare_custom_dataset as custom
 import data_prep.prepare_preferences as prefs
 from conftest import REPO_ROOT
+from data_prep.graded_pairs import wrong_answers
 from data_prep.prepare_preferences import Pair, check_pair, hh_messages, hh_pair, ultrafeedback_pair
+from eval.exact_match import load_questions
 from model.checkpoint import model_state, save_checkpoint
 from model.data import PairLoader
+from model.engine import SamplingParams, generate_batch
 from model.gpt import GPT, IGNORE_INDEX, GPTConfig
-from model.prompt import Turn, chat_turns, prompt_tokens
+from model.pretrained import load_pretrained
+from model.prompt import Turn, chat_turns, prompt_tokens, turn_messages
 from model.tokenizer import EOT, decode
 
 EOT_TEXT = "<|endoftext|>"
@@ -375,3 +380,73 @@ def test_instruction_data_is_refused_by_dpo(tiny_checkpoint, tmp_path):
     proc = run_prep(write_jsonl(tmp_path / "pairs.jsonl", PAIRS), tmp_path / "sft_data")
     assert proc.returncode == 2 and "not preference pairs: choose another --out_dir" in proc.stderr
     assert file_hashes(tmp_path / "sft_data") == before
+
+
+def test_wrong_answers_are_distinct_non_blank_and_capped():
+    """graded_pairs.wrong_answers: right answers (whitespace aside), blank ones and repeats are left out, in order."""
+    answers = ["7", " 8", "", "8 ", "  ", "9", "7 ", "10"]
+    assert wrong_answers("7", answers, 5) == [" 8", "9", "10"]
+    assert wrong_answers("7", answers, 2) == [" 8", "9"]
+    assert wrong_answers("7", ["7", " 7\n"], 3) == []
+
+
+GRADED_RECORDS = [
+    {"instruction": "What is 2 plus 5?", "context": "", "response": "7", "task": "add"},
+    {"instruction": "Sort 9, 2, 5.", "context": "", "response": "2, 5, 9"},
+]
+GRADED_CHATS = [
+    {"messages": [{"role": "user", "content": "Which is larger, 3 or 8?"}, {"role": "assistant", "content": "8"},
+                  {"role": "user", "content": "And 2 or 6?"}, {"role": "assistant", "content": "6"}]},
+]
+
+
+def write_questions(tmp_path: Path, records: list[dict], chats: list[dict]) -> list[Path]:
+    """One file per format, as the demo's instructions and conversations are."""
+    return [write_jsonl(tmp_path / "records.jsonl", records)] + ([write_jsonl(tmp_path / "chats.jsonl", chats)] if chats else [])
+
+
+def greedy_answers(checkpoint: Path, files: list[Path], max_tokens: int) -> list[str]:
+    """The checkpoint's greedy answer to each question of the files, as graded_pairs.py computes it."""
+    model, _ = load_pretrained(checkpoint)
+    model.requires_grad_(False)
+    return generate_batch(model, [prompt_tokens(list(q.turns)) for q in load_questions(files)],
+                          SamplingParams(max_tokens=max_tokens, temperature=0))
+
+
+def test_graded_pairs_pair_the_right_answer_with_the_model_s_own_wrong_ones(tiny_checkpoint, tmp_path):
+    """Each pair: the question's conversation as messages, the expected answer chosen, a wrong answer of
+    the model rejected (its greedy one first); and prepare_preferences.py takes the file as it is."""
+    files, out = write_questions(tmp_path, GRADED_RECORDS, GRADED_CHATS), tmp_path / "pairs.jsonl"
+    greedy = greedy_answers(tiny_checkpoint, files, 6)
+    assert graded_pairs.main(["--checkpoint", str(tiny_checkpoint), "--data", *map(str, files), "--out", str(out),
+                              "--samples", "3", "--max_tokens", "6", "--pairs_per_question", "2"]) == 0
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    questions = load_questions(files)
+    by_prompt: dict[str, list[dict]] = {}
+    for p in pairs:
+        by_prompt.setdefault(json.dumps(p["messages"]), []).append(p)
+    assert len(by_prompt) == len(questions) == 3  # a random model gets every question wrong
+    for q, answer, record in zip(questions, greedy, GRADED_RECORDS + GRADED_CHATS):
+        mine = by_prompt[json.dumps(turn_messages(list(q.turns)))]
+        assert 1 <= len(mine) <= 2
+        assert all(p["chosen"] == q.expected and p["rejected"].strip() and p["rejected"].strip() != q.expected
+                   for p in mine)
+        if answer.strip():
+            assert mine[0]["rejected"] == answer
+        assert all(p.get("task") == record.get("task") for p in mine)
+    assert turn_messages(list(questions[2].turns)) == GRADED_CHATS[0]["messages"][:-1]
+    proc = run_prep(out, tmp_path / "prepared")
+    assert proc.returncode == 0, proc.stderr
+    assert read_manifest(tmp_path / "prepared")["counts"]["records"] == len(pairs)
+
+
+def test_graded_pairs_with_every_answer_right_write_nothing(tiny_checkpoint, tmp_path, capsys):
+    """A model that answers every question right gives no pair: exit 2, no file, and what to change."""
+    files = write_questions(tmp_path, GRADED_RECORDS, [])
+    greedy = greedy_answers(tiny_checkpoint, files, 4)
+    records = [r | {"response": a} for r, a in zip(GRADED_RECORDS, greedy) if a.strip()]
+    assert records, "the tiny model gave only blank answers"
+    files, out = write_questions(tmp_path, records, []), tmp_path / "pairs.jsonl"
+    assert graded_pairs.main(["--checkpoint", str(tiny_checkpoint), "--data", *map(str, files), "--out", str(out),
+                              "--samples", "0", "--max_tokens", "4"]) == 2
+    assert "no pairs to write" in capsys.readouterr().err and not out.exists()

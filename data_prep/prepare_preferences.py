@@ -7,7 +7,7 @@
 
 --input: one JSON object per line, the prompt as "prompt" (a string: one user message) or "messages"
 (OpenAI chat messages ending with the user's), and the two replies as "chosen" and "rejected": strings,
-assistant messages, or lists of messages ending with one (ultrafeedback_binarized's form). eval/graded_pairs.py
+assistant messages, or lists of messages ending with one (ultrafeedback_binarized's form). data_prep/graded_pairs.py
 writes such a file from a model's own answers.
 
 The prompt is rendered by model/prompt.py exactly as the server renders the conversation, and each

@@ -43,10 +43,11 @@ from model.atomic import atomic_write
 from model.cli import HelpFormatter
 
 TRAIN_KEYS = ("train_loss", "lr", "grad_norm", "dt_ms", "tokens_per_s", "mfu")
-# figures model/dpo.py logs every step, and as val_KEY at evaluations: (file, title, keys drawn together)
-DPO_PLOTS = (("reward_accuracy.png", "Reward accuracy", ("reward_accuracy",)),
-             ("rewards.png", "Rewards", ("reward_chosen", "reward_rejected", "reward_margin")))
-DPO_KEYS = tuple(k for _, _, keys in DPO_PLOTS for key in keys for k in (key, "val_" + key))
+# figures model/dpo.py logs every step, and as val_KEY at evaluations: (file, title, keys drawn together,
+# whether they are fractions, drawn in percent)
+DPO_PLOTS = (("reward_accuracy.png", "Reward accuracy", ("reward_accuracy",), True),
+             ("rewards.png", "Rewards", ("reward_chosen", "reward_rejected", "reward_margin"), False))
+DPO_KEYS = tuple(k for _, _, keys, _ in DPO_PLOTS for key in keys for k in (key, "val_" + key))
 KNOWN_EVAL_KEYS = ("val_loss", "hellaswag_acc_norm", "hellaswag_acc", *DPO_KEYS)
 GPT2_HELLASWAG = 0.2955  # OpenAI GPT-2 124M's acc_norm, the usual target of a 124M reproduction
 CHANCE = 0.25  # four endings
@@ -229,12 +230,11 @@ def plot_throughput(tokens_per_s: list[tuple[int, float]], mfu: list[tuple[int, 
     _finish(fig, ax, "Throughput", "tokens/s", path, legend=False)
 
 
-def plot_train_val(title: str, series: dict[str, list[tuple[int, float]]], keys: tuple[str, ...], path: Path) -> None:
+def plot_train_val(title: str, series: dict[str, list[tuple[int, float]]], keys: tuple[str, ...], fraction: bool,
+                   path: Path) -> None:
     """Figures logged every training step (smoothed, raw faint behind) and at evaluations (val_KEY,
-    markers), one colour per key; a fraction is drawn in percent."""
+    markers), one colour per key; fractions are drawn in percent."""
     fig, ax = _figure()
-    drawn = [series.get(k, []) + series.get("val_" + k, []) for k in keys]
-    fraction = all(0 <= v <= 1 for points in drawn for _, v in points)
     scale = 100 if fraction else 1
     for i, key in enumerate(keys):
         label, colour = key.removeprefix("reward_").replace("_", " "), METRIC_COLOURS[i]
@@ -309,9 +309,9 @@ def write_plots(log: RunLog, out_dir: Path) -> list[tuple[str, str]]:
     if s.get("tokens_per_s"):
         plot_throughput(s["tokens_per_s"], s.get("mfu", []), out_dir / "throughput.png")
         written.append(("Throughput", "throughput.png"))
-    for filename, title, keys in DPO_PLOTS:
+    for filename, title, keys, fraction in DPO_PLOTS:
         if any(s.get(k) or s.get("val_" + k) for k in keys):
-            plot_train_val(title, s, keys, out_dir / filename)
+            plot_train_val(title, s, keys, fraction, out_dir / filename)
             written.append((title, filename))
     for name, keys in other_metrics(log).items():
         plot_metric(name, {k: s[k] for k in keys}, out_dir / metric_filename(name))

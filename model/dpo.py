@@ -19,15 +19,17 @@ faster, which small models show as drift and repetition.
 The reference is the starting checkpoint, frozen: its log-probs of every train and val pair are
 computed once, before the first step (one forward pass over the data, a third of the cost of a
 training epoch's forward and backward passes), and travel in every checkpoint of the run (8 bytes a
-pair), so a resume does not recompute them and the reference can never drift. A frozen copy of the
+pair), with the sha256 of the shards they were computed on, so a resume does not recompute them, the
+reference can never drift, and a resume on pairs prepared again is refused. A frozen copy of the
 model would cost a second set of weights in memory (500 MB at 124M in float32) and a forward pass
 per pair per epoch, more than this from the second epoch on, and nothing saved in the first.
 
 Everything else is the one training loop (model/trainer.py): accumulation, DDP, clipping, warmup +
 cosine, atomic checkpoints, SIGTERM/SIGINT -> save and exit, exact --resume auto, log.jsonl and the
-report. Logged every step: loss, reward accuracy (the share of pairs whose chosen reward is higher),
-the mean chosen and rejected rewards and their margin; the same on --val_steps batches of held-out
-pairs every --eval_every steps, with greedy answers to the first --num_samples val prompts and, with
+report. Logged every step: loss, reward accuracy (the share of pairs whose chosen reward is higher, a
+tie counting half), the mean chosen and rejected rewards and their margin; the same on the held-out
+pairs every --eval_every steps (all of them by default: --val_steps counts batches of pairs sorted by
+length, so fewer would be the shortest), with greedy answers to the first --num_samples val prompts and, with
 --exact_match_data, held-out exact match as in finetune_dolly.py.
 
 Defaults, for GPT-2 124M on hh-rlhf helpful-base (43.8k train pairs): beta 0.1, the DPO paper's for
@@ -53,9 +55,10 @@ from eval.exact_match import exact_match_evaluation, sample_answers
 from model.checkpoint import model_from_checkpoint
 from model.cli import HelpFormatter
 from model.compute import Compute, cleanup, setup_compute
-from model.data import PairLoader
+from model.data import MASKED_KINDS, PairLoader
 from model.gpt import GPT, IGNORE_INDEX
 from model.pretrained import load_pretrained, with_dropout
+from model.shards import read_manifest
 from model.trainer import (
     BETAS,
     Objective,
@@ -75,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_training_args(
         parser, data_dir="data/preferences", out_dir="checkpoints/dpo", max_steps=0, max_lr=5e-6, warmup_steps=150,
-        eval_every=100, val_steps=40, save_every=200, max_steps_help="optimizer steps of the whole run; 0 = --epochs",
+        eval_every=100, val_steps=-1, save_every=200, max_steps_help="optimizer steps of the whole run; 0 = --epochs",
     )
     g = parser.add_argument_group("DPO")
     g.add_argument("--sft_checkpoint", default=None,
@@ -140,7 +143,8 @@ def dpo_objective(beta: float, sft_weight: float) -> Objective:
         def total(t: torch.Tensor) -> torch.Tensor:
             return (t.detach().float() * real).sum()
 
-        figures = {"reward_accuracy": total(margin > 0), "reward_chosen": total(chosen),
+        # a tie (every pair at step 0, where policy = reference) is a coin flip, not a miss
+        figures = {"reward_accuracy": total((margin > 0).float() + 0.5 * (margin == 0).float()), "reward_chosen": total(chosen),
                    "reward_rejected": total(rejected), "reward_margin": total(margin)}
         return (losses * real).sum(), figures
 
@@ -164,6 +168,12 @@ def reference_logps(model: GPT, loader: PairLoader, compute: Compute, dtype: str
     compute.all_reduce(table)
     model.train()
     return table.cpu()
+
+
+def data_fingerprint(data_dir: str) -> list[str]:
+    """The sha256 of every shard of prepared pairs: a resume must read the pairs its reference was computed on."""
+    shards = read_manifest(data_dir, MASKED_KINDS["preferences"][0])["shards"]  # the loaders have checked it is there
+    return [h for e in shards for h in (e["sha256"], e["mask_sha256"])]
 
 
 def starting_model(args: argparse.Namespace, resume_ckpt: dict | None) -> GPT:
@@ -194,24 +204,24 @@ def main(argv: list[str] | None = None) -> int:
             args.max_steps = math.ceil(args.epochs * train_loader.num_batches() / grad_accum)
             compute.print0(f"{args.epochs:g} epochs of {train_loader.num_batches()} micro-batches = {args.max_steps} steps")
         check_resume_step(resume_ckpt, args.max_steps)
-        if resume_ckpt is not None and len(resume_ckpt["reference_logps"]["train"]) != train_loader.num_examples():
-            raise ValueError(f"the checkpoint's reference log-probs are of {len(resume_ckpt['reference_logps']['train'])} "
-                             f"train pairs, {args.data_dir} holds {train_loader.num_examples()}: resume with the run's own --data_dir")
+        fingerprint = data_fingerprint(args.data_dir)
+        if resume_ckpt is not None and resume_ckpt["reference_data"] != fingerprint:
+            raise ValueError(f"{args.data_dir} does not hold the pairs this run's reference log-probs were computed on "
+                             "(prepared again since?): resume with the run's own data, or start a new --out_dir")
+        model.to(compute.device)
+        dtype = resolve_dtype(args.dtype, compute.device)
+        if resume_ckpt is not None:
+            reference = resume_ckpt["reference_logps"]
+        else:
+            compute.print0(f"reference log-probs of {train_loader.num_examples()} train and {val_loader.num_examples()} "
+                           "val pairs, from the starting weights")
+            in_order = PairLoader(args.data_dir, "train", args.batch_size, compute.rank, compute.world_size, shuffle=False)
+            reference = {"train": reference_logps(model, in_order, compute, dtype),
+                         "val": reference_logps(model, val_loader, compute, dtype)}
     except (OSError, ValueError) as e:  # OSError: also a missing checkpoint; ValueError: also bad data
         compute.print0(f"error: {e}", file=sys.stderr)
         cleanup(compute)
         return 2
-    model.to(compute.device)
-    dtype = resolve_dtype(args.dtype, compute.device)
-    if resume_ckpt is not None:
-        reference = resume_ckpt["reference_logps"]
-    else:
-        compute.print0(f"reference log-probs of {train_loader.num_examples()} train and {val_loader.num_examples()} "
-                       "val pairs, from the starting weights")
-        in_order = PairLoader(args.data_dir, "train", args.batch_size, compute.rank, compute.world_size, shuffle=False)
-        reference = {"train": reference_logps(model, in_order, compute, dtype),
-                     "val": reference_logps(model, val_loader, compute, dtype)}
-        del in_order
     train_loader.reference, val_loader.reference = reference["train"], reference["val"]
     torch.manual_seed(args.seed + compute.rank)  # dropout differs per rank; the init came from the checkpoint
     optimizer = model.configure_optimizer(args.weight_decay, args.max_lr, BETAS, compute.device.type)
@@ -223,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(args, compute, model, optimizer, train_loader, val_loader, grad_accum=grad_accum, kind="dpo",
               resume_ckpt=resume_ckpt, evaluations=evaluations, objective=dpo_objective(args.beta, args.sft_weight),
-              run_state={"reference_logps": reference})
+              run_state={"reference_logps": reference, "reference_data": fingerprint})
     finally:
         cleanup(compute)
     return 0

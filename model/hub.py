@@ -43,7 +43,8 @@ def load_hub_dataset(path: str, split: str, name: str | None = None, data_dir: s
     try:
         from datasets import load_dataset  # a slow import that only this path needs
 
-        return load_dataset(path, name=name, split=split, data_dir=data_dir)
+        subset = {"data_dir": data_dir} if data_dir else {}  # a subset kept as a folder (hh-rlhf's helpful-base)
+        return load_dataset(path, name=name, split=split, **subset)
     except Exception as e:  # offline, datasets raises ConnectionError, OSError, hub errors, ... depending on where
         what = f"{path}{f' ({name or data_dir})' if name or data_dir else ''}, split {split}"
         raise OSError(f"could not load {what} from the Hugging Face Hub{'' if online else ' (no answer: offline)'} "

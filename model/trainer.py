@@ -351,8 +351,6 @@ def evaluate_loss(model: GPT, loader: Loader, steps: int, compute: Compute, dtyp
         step_totals = torch.stack([loss_sum.float(), torch.tensor(float(objective.count(batch)), device=compute.device),
                                    *(v.float() for v in figures.values())])
         totals = step_totals if totals is None else totals + step_totals
-    if totals is None:  # no batch to read
-        totals = torch.zeros(2, device=compute.device)
     compute.all_reduce(totals)
     model.train()
     mean = (totals / totals[1].clamp(min=1)).tolist()

@@ -188,7 +188,8 @@ def test_the_serving_command_and_the_page_pick_the_last_tuned_model(first_run, t
         until(browser, lambda d: len(Select(d.find_element(By.ID, "model")).options) == 3, "model list")
         picker = Select(browser.find_element(By.ID, "model"))
         assert picker.first_selected_option.get_attribute("value") == "dpo"
-        assert "pretrained (base model" in [o.text for o in picker.options][0]
+        labels = {o.get_attribute("value"): o.text for o in picker.options}
+        assert "(base model" in labels["pretrained"] and "base model" not in labels["dpo"] + labels["tuned"]
         temperature = browser.find_element(By.ID, "temperature")
         temperature.clear()
         temperature.send_keys("0")

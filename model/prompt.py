@@ -202,6 +202,42 @@ def turn_messages(turns: list[Turn]) -> list[dict]:
     return messages
 
 
+# The same rendering as a Jinja chat template, for runtimes that render conversations themselves from
+# the file they load: llama.cpp's server (--jinja), HF's apply_chat_template, vLLM. It maps messages
+# onto turns as chat_turns does (and renders text equal to the turns' prompts and replies, tested),
+# but validates nothing; <|endoftext|> is written as text, which those runtimes read as the special
+# token. One difference they cannot avoid: they tokenize the whole text at once where we tokenize
+# each prompt and reply on its own, which gives other tokens only where a reply starts with two or
+# more spaces or tabs (GPT-2's pre-tokenizer then joins the prompt's last newline to them).
+CHAT_TEMPLATE = (
+    # text outside tags is literal (real newlines); '\\n' inside Jinja strings; no "-" next to a newline
+    "{%- macro text(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- elif content -%}{%- for part in content -%}{{ '\\n' if not loop.first }}{{ part['text'] }}{%- endfor -%}"
+    "{%- endif -%}{%- endmacro -%}"
+    "{%- macro turn(users, context, reply) -%}"
+    "### Instruction:\n{{ users | join('\\n\\n') }}\n\n"
+    "{% if context %}### Context:\n{{ context | join('\\n\\n') }}\n\n{% endif %}"
+    "### Response:\n{% if reply %}{{ reply | join('\\n\\n') }}<|endoftext|>{% endif %}"
+    "{%- endmacro -%}"
+    "{%- set ns = namespace(users=[], context=[], reply=[]) -%}"
+    "{%- for m in messages -%}"
+    "{%- set t = text(m['content']) -%}"
+    "{%- if m['role'] == 'assistant' -%}"
+    "{%- if t | trim %}{% set ns.reply = ns.reply + [t] %}{% endif -%}"
+    "{%- else -%}"
+    "{%- if ns.reply and m['role'] != 'tool' -%}"
+    "{{ turn(ns.users, ns.context, ns.reply) }}{% set ns.users = [] %}{% set ns.context = [] %}{% set ns.reply = [] %}"
+    "{%- endif -%}"
+    "{%- if m['role'] == 'user' %}{% set ns.users = ns.users + [t] %}"
+    "{%- elif t | trim %}{% set ns.context = ns.context + [('Tool: ' + t) if m['role'] == 'tool' else t] %}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if ns.users %}{{ turn(ns.users, ns.context, ns.reply) }}{% endif -%}"
+)
+
+
 CACHED_TEXT_CHARS = 4096  # longer texts are encoded each time: the cache stays a few MB whatever comes in
 
 

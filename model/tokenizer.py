@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.resources
+import json
+from pathlib import Path
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
@@ -51,6 +53,18 @@ def get_tokenizer() -> tiktoken.Encoding:
     )
     assert enc.n_vocab == VOCAB_SIZE
     return enc
+
+
+def gpt2_vocabulary() -> tuple[list[str], list[str]]:
+    """GPT-2's vocabulary as other runtimes read it (llama.cpp's GGUF, HF's vocab.json and merges.txt):
+    the 50257 token strings by id, in byte-level BPE's printable form ("Ġ" for a leading space), and
+    the 50000 merges in rank order ("Ġ t"), read from the same verified files as get_tokenizer()."""
+    encoder = json.loads(Path(_verified_path("encoder.json", ENCODER_JSON_SHA256)).read_text(encoding="utf-8"))
+    tokens = sorted(encoder, key=encoder.__getitem__)
+    assert [encoder[t] for t in tokens] == list(range(VOCAB_SIZE))
+    lines = Path(_verified_path("vocab.bpe", VOCAB_BPE_SHA256)).read_text(encoding="utf-8").split("\n")
+    merges = [line for line in lines[1:] if line]  # the first line is "#version: 0.2"
+    return tokens, merges
 
 
 def encode(text: str) -> list[int]:

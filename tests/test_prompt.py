@@ -241,3 +241,38 @@ def test_docstring_examples_hold():
     result = doctest.testmod(model.prompt)
     assert result.attempted >= 2
     assert result.failed == 0
+
+
+# every mapping rule of chat_turns once: system before and inside a turn, developer, consecutive user and
+# assistant messages, text parts, a tool call with empty content and its labelled output, blank system
+# text, unicode, a reply holding the template's header, a conversation ending with a reply
+TEMPLATE_CHATS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 plus 5?"},
+     {"role": "assistant", "content": "7"}, {"role": "user", "content": "And 3 plus 3?"}],
+    [{"role": "developer", "content": "Answer in French."}, {"role": "user", "content": "Café?"},
+     {"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]},
+     {"role": "system", "content": "   "}, {"role": "system", "content": "Mind the accents: e\u0301 😀"},
+     {"role": "assistant", "content": "Oui."}, {"role": "assistant", "content": "### Response:\nstill me"},
+     {"role": "user", "content": "Merci"}],
+    [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
+     {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."},
+     {"role": "system", "content": "Now be terse."}, {"role": "user", "content": " spaced \n"},
+     {"role": "assistant", "content": "Ok"}],
+]
+
+
+@pytest.mark.parametrize("lstrip_and_trim", [False, True], ids=["plain-jinja", "hf-jinja"])
+@pytest.mark.parametrize("messages", TEMPLATE_CHATS, ids=range(len(TEMPLATE_CHATS)))
+def test_the_chat_template_renders_exactly_our_turns(messages, lstrip_and_trim):
+    """CHAT_TEMPLATE (in GGUF and HF exports) gives the text of our rendering, and tokenized as llama.cpp
+    and HF do (whole, <|endoftext|> as the special token) the very tokens the server sends."""
+    jinja2 = pytest.importorskip("jinja2")
+    env = jinja2.Environment(trim_blocks=lstrip_and_trim, lstrip_blocks=lstrip_and_trim)
+    text = env.from_string(model.prompt.CHAT_TEMPLATE).render(messages=messages)
+    turns = chat_turns(messages, weights=True)
+    assert text == "".join(t.prompt() + ("" if t.reply is None else t.reply + "<|endoftext|>") for t in turns)
+    tokens: list[int] = []
+    for i, part in enumerate(text.split("<|endoftext|>")):
+        tokens += ([EOT] if i else []) + encode(part)
+    assert tokens == render_turns(turns)[0]

@@ -75,7 +75,7 @@ def check_record(obj: object) -> Record:
     instruction and response are required strings and the response must not be blank; context is
     optional (a missing or null context is no context). Other fields (Dolly's category) are ignored.
     """
-    obj = _json_object(obj)
+    obj = json_object(obj)
     for field in ("instruction", "response"):
         if field not in obj:
             raise ValueError(f'no "{field}" field')
@@ -102,7 +102,9 @@ def _require_reply(turns: list[Turn], field: str) -> list[Turn]:
     return turns
 
 
-def _json_object(obj: object) -> dict:
+def json_object(obj: object) -> dict:
+    """A decoded jsonl line as a dict, or ValueError saying why it is not one (jsonl_rows yields a bad
+    line's JSONDecodeError in place of its value)."""
     if isinstance(obj, json.JSONDecodeError):
         raise ValueError(f"not valid JSON ({obj})")
     if not isinstance(obj, dict):
@@ -114,7 +116,7 @@ def check_messages(obj: object) -> list[Turn]:
     """The turns of an OpenAI fine-tuning record {"messages": [...]}, or ValueError saying what is wrong
     (file:line is added by the caller): roles system, developer, user, assistant (tool messages are
     context); content a string or text parts; "weight" 0 or 1 on assistant messages; "name" ignored."""
-    messages = _json_object(obj).get("messages")
+    messages = json_object(obj).get("messages")
     if not isinstance(messages, list) or not messages:
         raise ValueError('"messages" must be a non-empty list of {"role", "content"} objects')
     return _require_reply(chat_turns(messages, weights=True), "messages")
@@ -126,7 +128,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 def check_sharegpt(obj: object) -> list[Turn]:
     """The turns of a ShareGPT record {"conversations": [{"from", "value"}, ...]}, or ValueError: "from"
     is system, human or gpt ("user" and "assistant" are accepted too), "value" a string."""
-    conversation = _json_object(obj).get("conversations")
+    conversation = json_object(obj).get("conversations")
     if not isinstance(conversation, list) or not conversation:
         raise ValueError('"conversations" must be a non-empty list of {"from", "value"} objects')
     messages = []
@@ -178,7 +180,7 @@ def read_rows(rows: Rows) -> Iterator[tuple[str, object, list[Turn] | ValueError
             first = where
         try:
             if key is None:
-                _json_object(value)
+                json_object(value)
                 raise ValueError('no "messages", "conversations" or "instruction" field: expected OpenAI messages, '
                                  "ShareGPT conversations or instruction records")
             yield where, value, check_row(value, key, first)

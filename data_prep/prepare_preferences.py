@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 from tqdm import tqdm  # noqa: E402
 
 from data_prep.instruction_shards import (  # noqa: E402
-    SPLITS, Example, Rows, _json_object, add_prep_args, check_out_dir, check_prep_args, jsonl_rows, pack_shards,
+    SPLITS, Example, Rows, json_object, add_prep_args, check_out_dir, check_prep_args, jsonl_rows, pack_shards,
     report_problems, split_records, write_masked_shards,
 )
 from model.cli import HelpFormatter  # noqa: E402
@@ -83,7 +83,7 @@ def reply_text(value: object, field: str) -> str:
 
 def check_pair(obj: object) -> Pair:
     """The Pair of one decoded JSON value in the --input form, or ValueError saying what is wrong."""
-    obj = _json_object(obj)
+    obj = json_object(obj)
     for field in ("chosen", "rejected"):
         if field not in obj:
             raise ValueError(f'no "{field}" field')

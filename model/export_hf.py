@@ -16,7 +16,9 @@ The two formats differ in three ways only. HF's GPT-2 stores the four projection
 nn.Linear's (out, in). HF keeps the tokenizer's 50257 vocabulary rows where we pad to 50304. And HF
 files carry no lm_head.weight: it is tied to transformer.wte.weight, as ours is.
 
-The exported directory holds weights and config only; tokenizer files are not written.
+The exported directory also holds GPT-2's tokenizer (vocab.json, merges.txt) and a tokenizer_config.json
+whose chat template is our prompt template (model/prompt.py's CHAT_TEMPLATE), so that transformers,
+vLLM or any server that reads it renders chats as our server does.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from model.atomic import atomic_write
 from model.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from model.gpt import GPT, GPTConfig
 from model.hub import probe_hub
-from model.tokenizer import EOT, VOCAB_SIZE
+from model.prompt import CHAT_TEMPLATE
+from model.tokenizer import EOT, VOCAB_SIZE, gpt2_vocabulary
 
 # weights that HF's Conv1D stores as (in, out); everything else has the same layout in both formats
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -118,15 +121,40 @@ def hf_config(config: GPTConfig) -> dict:
     }
 
 
+def hf_tokenizer_files(block_size: int) -> dict[str, str]:
+    """{file name: text} of GPT-2's tokenizer as transformers reads it (vocab.json, merges.txt) and a
+    tokenizer_config.json whose chat template is our prompt template, so that
+    AutoTokenizer.from_pretrained(dir).apply_chat_template(messages) gives the tokens our server sends."""
+    tokens, merges = gpt2_vocabulary()
+    eot = tokens[EOT]
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "bos_token": eot, "eos_token": eot, "unk_token": eot,
+        "add_bos_token": False,  # our prompts start with the template, never with <|endoftext|>
+        "add_prefix_space": False,
+        "model_max_length": block_size,
+        "added_tokens_decoder": {str(EOT): {"content": eot, "special": True, "single_word": False, "lstrip": False,
+                                            "rstrip": False, "normalized": False}},
+        "chat_template": CHAT_TEMPLATE,
+    }
+    return {
+        "vocab.json": json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
+        "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+    }
+
+
 def export_hf(model: GPT, out_dir: str | Path) -> None:
-    """Write out_dir/model.safetensors (fp32, as the model stores its weights) and out_dir/config.json,
-    each atomically (model/atomic.py), so an interrupted export never leaves a half-written file."""
+    """Write out_dir/model.safetensors (fp32, as the model stores its weights), config.json and the
+    tokenizer files (hf_tokenizer_files), each atomically (model/atomic.py), so an interrupted export
+    never leaves a half-written file."""
     out_dir = Path(out_dir)
     # the "format" entry tells transformers these are PyTorch tensors
     weights = safetensors.torch.save(hf_state_dict(model), metadata={"format": "pt"})
     atomic_write(out_dir / "model.safetensors", lambda f: f.write(weights))
-    config = json.dumps(hf_config(model.config), indent=2) + "\n"
-    atomic_write(out_dir / "config.json", lambda f: f.write(config.encode()))
+    files = {"config.json": json.dumps(hf_config(model.config), indent=2) + "\n", **hf_tokenizer_files(model.config.block_size)}
+    for name, text in files.items():
+        atomic_write(out_dir / name, lambda f, text=text: f.write(text.encode()))
 
 
 def _gpt_config(hf: dict, source: str) -> GPTConfig:

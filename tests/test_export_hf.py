@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from model.checkpoint import model_state, save_checkpoint
 from model.export_hf import export_hf, hf_state_dict, load_hf_model
 from model.gpt import GPT, GPTConfig
-from model.tokenizer import VOCAB_SIZE
+from model.tokenizer import EOT, VOCAB_SIZE
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers is the reference: pip install -r requirements-test.txt"
@@ -160,3 +160,23 @@ def test_cli_missing_checkpoint_exits_2_with_a_message(tmp_path):
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "model/train_gpt2.py" in result.stderr
     assert "Traceback" not in result.stderr and not out_dir.exists()
+
+
+def test_the_export_s_tokenizer_renders_chats_into_the_tokens_our_server_sends(tmp_path):
+    """AutoTokenizer on the export: GPT-2's tokens for plain text, and apply_chat_template (our prompt
+    template, from tokenizer_config.json) gives exactly the token ids of our rendering."""
+    from test_prompt import TEMPLATE_CHATS
+
+    from model.prompt import chat_turns, render_turns
+    from model.tokenizer import encode
+
+    export_hf(tiny_gpt(), tmp_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert tokenizer.eos_token_id == EOT and tokenizer.model_max_length == TINY["block_size"]
+    for text in ["Hello world, café ### Response:\n", "  two  spaces\n\n\ttabs 1234567 it's", "日本語 😀 e\u0301"]:
+        assert tokenizer.encode(text) == encode(text)
+        assert tokenizer.decode(encode(text)) == text
+    for messages in TEMPLATE_CHATS:
+        ids = tokenizer.apply_chat_template(messages, tokenize=True)
+        ids = ids if isinstance(ids, list) else ids["input_ids"]  # transformers 5 returns a BatchEncoding
+        assert ids == render_turns(chat_turns(messages, weights=True))[0], messages

@@ -16,7 +16,8 @@ template as the file's chat template (model/prompt.py's CHAT_TEMPLATE, Jinja), s
 rendering chats from the file (llama-server --jinja) sends the model what our server sends.
 
 Types: f32 (bitwise our weights), f16 (every matrix in half precision), q8_0 (every matrix in
-blocks of 32 int8 values with one f16 scale, 8.5 bits a weight: a quarter of f32's bytes). LayerNorm
+blocks of 32 int8 values with one f16 scale, 8.5 bits a weight: a quarter of f32's bytes), q4_0
+(blocks of 32 4-bit values with one f16 scale, 4.5 bits a weight; README: what it costs). LayerNorm
 weights and all biases stay f32 in every type, as llama.cpp's own converter keeps them.
 """
 
@@ -42,7 +43,10 @@ TYPES = {
     "f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
     "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
+    "q4_0": (gguf.LlamaFileType.MOSTLY_Q4_0, gguf.GGMLQuantizationType.Q4_0),
 }
+
+QUANTIZED = (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0)
 
 # our parameter names (after "transformer.h.N.") -> llama.cpp's gpt2 tensor names (after "blk.N.")
 BLOCK_NAMES = {
@@ -78,7 +82,7 @@ def gguf_tensors(model: GPT, file_type: str) -> list[tuple[str, np.ndarray, gguf
         if target == "token_embd.weight":
             data = data[:VOCAB_SIZE]
         kind = qtype if data.ndim == 2 else gguf.GGMLQuantizationType.F32
-        if kind == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
+        if kind in QUANTIZED and data.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
             kind = gguf.GGMLQuantizationType.F16  # rows must be whole blocks of 32 (n_embd is, for every GPT-2)
         tensors.append((target, gguf.quants.quantize(np.ascontiguousarray(data), kind), kind))
     return tensors
@@ -123,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="a step_*.pt file or a run directory (its newest checkpoint)")
     parser.add_argument("--out", required=True, help="the .gguf file to write")
     parser.add_argument("--type", default="q8_0", choices=list(TYPES),
-                        help="weight type: f32 (exact), f16, or q8_0 (a quarter of f32's bytes)")
+                        help="weight type: f32 (exact), f16, q8_0 (a quarter of f32's bytes) or q4_0 (an eighth)")
     parser.add_argument("--name", default=None, help="the model's name in the file (default: the run directory's)")
     return parser.parse_args(argv)
 

@@ -23,6 +23,7 @@ from model.tokenizer import EOT, VOCAB_SIZE, encode
 
 CONFIG = dict(block_size=64, n_layer=2, n_head=2, n_embd=64)
 Q8_0_LOSS_MARGIN = 0.01  # q8_0's held-out loss within 1% of ours
+Q4_0_LOSS_MARGIN = 0.05
 F16_LOSS_MARGIN = 0.001
 
 
@@ -65,12 +66,12 @@ def exported(trained, tmp_path_factory):
     """{type: path} of the trained model: the q8_0 file by the script, as a user runs it, the others in-process."""
     model, _, checkpoint = trained
     out = tmp_path_factory.mktemp("gguf")
-    paths = {file_type: out / f"tiny-{file_type}.gguf" for file_type in ("f32", "f16", "q8_0")}
+    paths = {file_type: out / f"tiny-{file_type}.gguf" for file_type in ("f32", "f16", "q8_0", "q4_0")}
     proc = subprocess.run([sys.executable, "model/export_gguf.py", "--checkpoint", str(checkpoint), "--out",
                            str(paths["q8_0"])], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "(q8_0," in proc.stdout  # the default type
-    for file_type in ("f32", "f16"):
+    for file_type in ("f32", "f16", "q4_0"):
         write_gguf(model, paths[file_type], file_type)
     return paths
 
@@ -183,7 +184,8 @@ def test_llama_cpp_runs_f32_with_our_logits_and_greedy_tokens(trained, exported,
         assert ours_llama.greedy(tokens, 12) == our_greedy(model, tokens, 12), prompt
 
 
-@pytest.mark.parametrize("file_type, margin", [("q8_0", Q8_0_LOSS_MARGIN), ("f16", F16_LOSS_MARGIN)])
+@pytest.mark.parametrize("file_type, margin", [("q8_0", Q8_0_LOSS_MARGIN), ("f16", F16_LOSS_MARGIN),
+                                               ("q4_0", Q4_0_LOSS_MARGIN)])
 def test_llama_cpp_on_a_smaller_type_keeps_our_first_tokens_and_held_out_loss(trained, exported, llama, file_type,
                                                                               margin):
     model, heldout, _ = trained
@@ -196,6 +198,7 @@ def test_llama_cpp_on_a_smaller_type_keeps_our_first_tokens_and_held_out_loss(tr
     theirs = mean_nll(torch.tensor(quantized.logits(heldout)), heldout)
     assert ours < 0.5 * math.log(VOCAB_SIZE)  # the model learned the held-out world: the comparison means something
     assert abs(theirs - ours) <= margin * ours, (file_type, ours, theirs)
+    print(f"{file_type}: held-out loss {theirs:.5f} against ours {ours:.5f} ({(theirs - ours) / ours:+.3%})")
 
 
 def test_llama_cpp_tokenizes_text_exactly_as_we_do(exported, llama):

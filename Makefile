@@ -46,7 +46,7 @@ demo: $(VENV)/.installed-client
 # again with oneDNN and ATen capped to AVX2, as on a plain AVX2 CPU without native bf16: a path that
 # needs AVX-512 or bf16 hardware fails there on any x86 machine (elsewhere the cap changes nothing).
 AVX2_CAP := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
-CPU_KERNEL_TESTS := tests/test_cpu_linear.py tests/test_gpt.py tests/test_lm_loss.py tests/test_engine.py \
+CPU_KERNEL_TESTS := tests/test_cpu_linear.py tests/test_int8_linear.py tests/test_gpt.py tests/test_lm_loss.py tests/test_engine.py \
 	tests/test_export_hf.py tests/test_train.py::test_bf16_autocast_trains_on_cpu \
 	tests/test_train.py::test_sigterm_then_resume_is_bitwise_exact \
 	tests/test_finetune.py::test_sigterm_then_resume_auto_is_bitwise_exact \

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from data_prep.instruction_shards import jsonl_rows, read_rows
 from model.atomic import atomic_write
+from model.cli import add_quant_argument
 from model.compute import Compute, pick_device
 from model.data import InstructionLoader
 from model.engine import SamplingParams, generate_batch
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show", type=int, default=0, help="print N questions with every model's answer")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: %(default)s)")
     parser.add_argument("--out_json", default=None, help="write every model's scores and answers here")
+    add_quant_argument(parser)
     args = parser.parse_args(argv)
     if args.max_tokens < 1 or args.show < 0:
         parser.error("--max_tokens must be >= 1 and --show >= 0")
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         for checkpoint in args.checkpoint:
             model, source = load_pretrained(checkpoint)
             name = Path(checkpoint).name if Path(checkpoint).is_dir() else checkpoint
-            model.to(device).requires_grad_(False).pack_for_cpu_inference()  # faster on CPU; nothing elsewhere
+            model.to(device).requires_grad_(False).prepare_inference(args.quant)
             answers[name] = answer(model, questions, args.max_tokens)
             results[name] = score(questions, answers[name]) | {"checkpoint": source}
             print(format_score(name, results[name]))

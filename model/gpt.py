@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import cpu_linear
+from model import cpu_linear, int8_linear
 from model.lm_loss import lm_loss
 
 # Targets equal to this contribute no loss (prompt tokens in fine-tuning, padding). The data code
@@ -43,7 +43,7 @@ class GPTConfig:
 class Linear(nn.Linear):
     """nn.Linear whose float32 products on CPU go through oneDNN (model/cpu_linear.py: about 2x
     faster where torch's MKL takes a generic path, as on AMD CPUs), and which can hold its weight
-    packed for inference (GPT.pack_for_cpu_inference).
+    packed for inference (GPT.pack_for_cpu_inference) or replace it by int8 (GPT.prepare_inference).
 
     The packed copy is used only without gradients and while the weight is unchanged since packing
     (the weight's version counter: an optimizer step or load_state_dict moves it), so a model that
@@ -52,8 +52,11 @@ class Linear(nn.Linear):
 
     packed: torch.Tensor | None = None  # a plain attribute, not a buffer: never in the state dict
     packed_version: int = -1
+    int8: int8_linear.Int8Weight | None = None  # set, the weight is gone: an inference-only model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8 is not None:
+            return int8_linear.linear(x, self.int8, self.bias)
         if cpu_linear.usable(x):
             fresh = self.packed is not None and self.weight._version == self.packed_version
             return cpu_linear.linear(x, self.weight, self.bias, self.packed if fresh else None)
@@ -229,6 +232,33 @@ class GPT(nn.Module):
                 module.packed = cpu_linear.pack(module.weight)
                 module.packed_version = module.weight._version
         return True
+
+    @torch.no_grad()
+    def prepare_inference(self, quant: str = "none") -> str:
+        """Get an eval model ready to generate, and say how its products will run (for logs).
+
+        quant "none" keeps the weights and packs them on CPU (pack_for_cpu_inference). "int8"
+        replaces every Linear weight, the tied vocabulary projection included, by per-output-channel
+        int8 (model/int8_linear.py) and drops the float one, so the model can no longer train; the
+        token embedding keeps its float32 table for lookups. CPU only: on a GPU the weights are
+        already bf16 and the products are not bound by reading them as a CPU's are.
+        """
+        if quant == "none":
+            if self.pack_for_cpu_inference():
+                return "float32 weights, packed for oneDNN"
+            return f"{self.lm_head.weight.dtype} weights".removeprefix("torch.")
+        if quant != "int8":
+            raise ValueError(f"quant must be none or int8, not {quant!r}")
+        if self.lm_head.weight.device.type != "cpu":
+            raise ValueError(f"int8 weights are for decoding on CPU, and this model is on {self.lm_head.weight.device}: "
+                             "serve float weights there (no --quant / NANOGPT_QUANT)")
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.int8 = int8_linear.quantize(module.weight)
+                module.packed = None
+                module.weight = None  # lm_head's: wte keeps the shared table for its lookups
+        kernel = "torch's int8 kernel" if int8_linear.kernel_runs() else "no int8 kernel in this torch: dequantized per product"
+        return f"int8 weights ({kernel})"
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count; tied wte/lm_head counted once. non_embedding drops both embedding tables."""

@@ -46,6 +46,29 @@ def test_config_from_env():
     assert ServerConfig.from_env({}) == ServerConfig()
 
 
+def test_int8_weights_serve_what_the_int8_model_generates(tmp_path, caplog):
+    write_model(tmp_path, "run", SMALL)
+    assert ServerConfig.from_env({"NANOGPT_QUANT": "int8"}).quant == "int8"
+    with caplog.at_level("INFO", logger="gunicorn.error"):
+        client = make_client(tmp_path, quant="int8")
+    assert "int8 weights (NANOGPT_QUANT)" in caplog.text
+    model = model_from_checkpoint(load_checkpoint(checkpoint_path(tmp_path / "run", 1))).eval()
+    assert model.prepare_inference("int8").startswith("int8")
+    expected = "".join(generate(model, prompt_tokens(chat_turns(HI)), SamplingParams(temperature=0, max_tokens=12)))
+    status, body = chat(client, "run")
+    assert status == 200 and body["choices"][0]["message"]["content"] == expected
+    (scheduler,) = client.application.extensions["nanogpt_registry"].loaded.values()
+    served = scheduler.loaded.get()
+    assert served.lm_head.int8 is not None and served.lm_head.weight is None
+
+
+def test_a_quant_the_server_cannot_serve_stops_it_at_start(tmp_path):
+    with pytest.raises(ValueError, match="NANOGPT_QUANT='int4': expected one of none, int8"):
+        make_client(tmp_path, quant="int4")
+    with pytest.raises(ValueError, match="NANOGPT_QUANT=int8 is for decoding on CPU"):
+        make_client(tmp_path, quant="int8", device="cuda")
+
+
 def test_a_new_checkpoint_is_served_on_the_next_request(tmp_path):
     write_model(tmp_path, "run", SMALL, seed=0, step=1)
     client = make_client(tmp_path)

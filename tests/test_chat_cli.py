@@ -46,10 +46,13 @@ def answers(stdout: str) -> list[str]:
     return [t.removeprefix("model> ").removesuffix("\n") for t in turns if t.startswith("model> ")]
 
 
-def test_streams_the_answer_byte_exact_and_leaves_at_end_of_input(models):
-    status, out, err = run_cli(["--checkpoint", str(models / "echo"), "--temperature", "0"], ECHO_PROMPT + "\n")
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_streams_the_answer_byte_exact_and_leaves_at_end_of_input(models, quant):
+    status, out, err = run_cli(["--checkpoint", str(models / "echo"), "--temperature", "0", "--quant", quant],
+                               ECHO_PROMPT + "\n")
     assert status == 0, err
     assert answers(out) == [ECHO_REPLY] and "\ufffd" not in out
+    assert ("int8 weights" in err) == (quant == "int8")  # the banner says what decodes
 
 
 def test_multi_turn_reset_and_quit_match_the_engine_on_the_rendered_history(models):
@@ -159,6 +162,7 @@ def test_errors_say_what_to_do(models, tmp_path, monkeypatch, capsys):
         ["--presence_penalty", "2.5"], ["--frequency_penalty", "-3"], ["--temperature", "hot"],
         ["--stop", "a", "--stop", "b", "--stop", "c", "--stop", "d", "--stop", "e"],
         ["--init_from", "gpt2"],  # both models
+        ["--quant", "int4"],
     ]
 ] + [[]])  # no model
 def test_bad_flags_are_usage_errors(argv, capsys):

@@ -39,13 +39,14 @@ def echo_run(tmp_path_factory):
     return models / "echo"
 
 
-def test_cli_scores_a_checkpoint_and_writes_every_answer(echo_run, tmp_path, capsys):
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_cli_scores_a_checkpoint_and_writes_every_answer(echo_run, tmp_path, capsys, quant):
     data = tmp_path / "heldout.jsonl"
     data.write_text(json.dumps({"instruction": ECHO_PROMPT, "response": ECHO_REPLY, "task": "echo"}) + "\n"
                     + json.dumps({"instruction": ECHO_PROMPT, "context": "", "response": "something else"}) + "\n")
     out = tmp_path / "scores.json"
     assert main(["--checkpoint", str(echo_run), str(echo_run / "step_000060.pt"), "--data", str(data),
-                 "--show", "1", "--out_json", str(out)]) == 0
+                 "--show", "1", "--out_json", str(out), "--quant", quant]) == 0
     printed = capsys.readouterr().out
     assert "echo: exact match 1/2 = 50.0%" in printed
     assert f"Q: {ECHO_PROMPT}   (expected: {ECHO_REPLY})" in printed and "right" in printed

@@ -3,7 +3,6 @@ llama.cpp itself (tests/llama_cpp.py): f32 gives our logits and greedy tokens, q
 tokens and, within a stated margin, our held-out loss; llama.cpp tokenizes text as we do."""
 
 import math
-import random
 import subprocess
 import sys
 
@@ -13,58 +12,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import REPO_ROOT, SHARED_DATA, TINY_CONFIG as CONFIG
 from llama_cpp import LlamaModel, need_llama_cpp
-from model.checkpoint import model_state, save_checkpoint
 from model.export_gguf import gguf_name, write_gguf
-from model.gpt import GPT, GPTConfig
+from model.gpt import GPT
 from model.prompt import CHAT_TEMPLATE
 from model.tokenizer import EOT, VOCAB_SIZE, encode
 
-CONFIG = dict(block_size=64, n_layer=2, n_head=2, n_embd=64)
 Q8_0_LOSS_MARGIN = 0.01  # q8_0's held-out loss within 1% of ours
 Q4_0_LOSS_MARGIN = 0.05
 F16_LOSS_MARGIN = 0.001
 
 
-def sentences(rng: random.Random, n: int) -> list[str]:
-    """A tiny world a 2-layer model learns in seconds: counting on from a number, in words and digits."""
-    out = []
-    for _ in range(n):
-        a = rng.randint(0, 40)
-        out.append(f"Count on from {a}: {a + 1}, {a + 2}, {a + 3}, {a + 4}.")
-    return out
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(model, held-out token ids, checkpoint path) of a tiny GPT trained for a few seconds, so that its
-    logits have clear winners (random weights give near ties that any rounding can flip)."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**CONFIG))
-    rng = random.Random(0)
-    train = [t for s in sentences(rng, 2000) for t in encode(s + " ")]
-    heldout = [t for s in sentences(rng, 20) for t in encode(s + " ")][: CONFIG["block_size"]]
-    data = torch.tensor(train)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(80):
-        starts = torch.randint(0, len(data) - CONFIG["block_size"] - 1, (8,))
-        x = torch.stack([data[s : s + CONFIG["block_size"]] for s in starts])
-        y = torch.stack([data[s + 1 : s + CONFIG["block_size"] + 1] for s in starts])
-        _, loss = model(x, y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    path = tmp_path_factory.mktemp("ckpt") / "step_000080.pt"
-    save_checkpoint(model_state(model) | {"kind": "sft", "step": 80}, path)
-    return model, heldout, path
-
-
-@pytest.fixture(scope="module")
-def exported(trained, tmp_path_factory):
+def exported(trained_tiny, tmp_path_factory):
     """{type: path} of the trained model: the q8_0 file by the script, as a user runs it, the others in-process."""
-    model, _, checkpoint = trained
+    model, _, checkpoint = trained_tiny
     out = tmp_path_factory.mktemp("gguf")
     paths = {file_type: out / f"tiny-{file_type}.gguf" for file_type in ("f32", "f16", "q8_0", "q4_0")}
     proc = subprocess.run([sys.executable, "model/export_gguf.py", "--checkpoint", str(checkpoint), "--out",
@@ -95,8 +58,8 @@ PROMPTS = ["Count on from 3:", "Count on from 17: 18,", "Count on from 29: 30, 3
 
 # ----------------------------------------------------------------------------- the file, read back
 
-def test_the_file_has_llama_cpp_s_gpt2_layout_and_our_exact_weights(trained, exported):
-    model, _, _ = trained
+def test_the_file_has_llama_cpp_s_gpt2_layout_and_our_exact_weights(trained_tiny, exported):
+    model, _, _ = trained_tiny
     reader = gguf.GGUFReader(exported["f32"])
 
     def field(key):
@@ -125,8 +88,8 @@ def test_the_file_has_llama_cpp_s_gpt2_layout_and_our_exact_weights(trained, exp
     assert tensors == {}
 
 
-def test_q8_0_quantizes_the_matrices_only_within_its_block_error(trained, exported):
-    model, _, _ = trained
+def test_q8_0_quantizes_the_matrices_only_within_its_block_error(trained_tiny, exported):
+    model, _, _ = trained_tiny
     reader = gguf.GGUFReader(exported["q8_0"])
     weights = {gguf_name(n): t.numpy() for n, t in model.state_dict().items() if gguf_name(n)}
     for t in reader.tensors:
@@ -171,8 +134,8 @@ def load(llama, exported, file_type) -> LlamaModel:
     return llama[file_type]
 
 
-def test_llama_cpp_runs_f32_with_our_logits_and_greedy_tokens(trained, exported, llama):
-    model, heldout, _ = trained
+def test_llama_cpp_runs_f32_with_our_logits_and_greedy_tokens(trained_tiny, exported, llama):
+    model, heldout, _ = trained_tiny
     ours_llama = load(llama, exported, "f32")
     assert ours_llama.n_vocab() == VOCAB_SIZE and ours_llama.meta("general.architecture") == "gpt2"
     with torch.no_grad():
@@ -186,9 +149,9 @@ def test_llama_cpp_runs_f32_with_our_logits_and_greedy_tokens(trained, exported,
 
 @pytest.mark.parametrize("file_type, margin", [("q8_0", Q8_0_LOSS_MARGIN), ("f16", F16_LOSS_MARGIN),
                                                ("q4_0", Q4_0_LOSS_MARGIN)])
-def test_llama_cpp_on_a_smaller_type_keeps_our_first_tokens_and_held_out_loss(trained, exported, llama, file_type,
+def test_llama_cpp_on_a_smaller_type_keeps_our_first_tokens_and_held_out_loss(trained_tiny, exported, llama, file_type,
                                                                               margin):
-    model, heldout, _ = trained
+    model, heldout, _ = trained_tiny
     quantized = load(llama, exported, file_type)
     for prompt in PROMPTS:
         tokens = encode(prompt)

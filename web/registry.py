@@ -49,17 +49,18 @@ def default_device(gpu_slot: int) -> str:
     return f"cuda:{gpu_slot % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
 
 
-def load_for_serving(path: Path, device: str | None, gpu_slot: int = 0) -> GPT:
+def load_for_serving(path: Path, device: str | None, gpu_slot: int = 0, quant: str = "none") -> GPT:
     """The model of a checkpoint, ready for inference on device (default: default_device(gpu_slot)).
 
     Runs in the engine thread: CUDA is initialised there, never in gunicorn's master. On CPU the
-    weights are also packed for oneDNN (GPT.pack_for_cpu_inference): twice the memory, 3-4x the speed.
+    weights are also packed for oneDNN (GPT.pack_for_cpu_inference): twice the memory, 3-4x the
+    speed; or, with quant "int8", replaced by int8 ones (GPT.prepare_inference).
     """
     device = device or default_device(gpu_slot)
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     model = model_from_checkpoint(load_checkpoint(path))
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    model.pack_for_cpu_inference()
+    model.prepare_inference(quant)
     return model
 
 
@@ -76,11 +77,12 @@ class ModelRegistry:
         device: str | None = None,
         gpu_slot: int = 0,
         metrics: ServerMetrics | None = None,
+        quant: str = "none",
     ):
         self.models_dir = Path(models_dir)
         self.max_models = max_models
         self.scheduler_args = {"max_rows": max_rows, "max_waiting": max_waiting, "torch_threads": torch_threads}
-        self.device, self.gpu_slot = device, gpu_slot
+        self.device, self.gpu_slot, self.quant = device, gpu_slot, quant
         self.metrics = metrics
         self.loaded: OrderedDict[tuple, Scheduler] = OrderedDict()  # least recently used first
         self._kinds: dict[tuple, str | None] = {}  # checkpoint key -> the stage that wrote it
@@ -117,7 +119,8 @@ class ModelRegistry:
         if not self.models_dir.is_dir():
             return f"models directory {where} (NANOGPT_MODELS_DIR) does not exist: no models to serve"
         found = ", ".join(f"{m.id} ({self.kind(m) or 'unknown stage'})" for m in self.list())
-        return f"models directory {where} (NANOGPT_MODELS_DIR): {found or 'no run directory with a checkpoint'}"
+        weights = "; int8 weights (NANOGPT_QUANT)" if self.quant == "int8" else ""
+        return f"models directory {where} (NANOGPT_MODELS_DIR): {found or 'no run directory with a checkpoint'}{weights}"
 
     def scheduler(self, info: ModelInfo) -> Scheduler:
         """The scheduler of a model, loading it (in the background) if this worker has not yet.
@@ -137,8 +140,8 @@ class ModelRegistry:
                 self.loaded.pop(old).close()
         if len(self.loaded) >= self.max_models:
             raise Overloaded(f"{len(self.loaded)} models are loaded and busy (NANOGPT_MAX_MODELS={self.max_models})")
-        scheduler = Scheduler(lambda: load_for_serving(info.checkpoint, self.device, self.gpu_slot), **self.scheduler_args,
-                              metrics=self.metrics, name=info.id)
+        scheduler = Scheduler(lambda: load_for_serving(info.checkpoint, self.device, self.gpu_slot, self.quant),
+                              **self.scheduler_args, metrics=self.metrics, name=info.id)
         log.info("loading model %s from %s", info.id, info.checkpoint)
         self.loaded[key] = scheduler
         return scheduler

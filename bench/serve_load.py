@@ -9,11 +9,13 @@ more than 1.
 
     python bench/serve_load.py                     # ~2 minutes on a 2-core CPU
     python bench/serve_load.py --clients 1,8 --max_tokens 64
-    python bench/serve_load.py --compare_metrics --clients 8    # what /metrics costs: on against off
+    python bench/serve_load.py --quant int8        # the server with NANOGPT_QUANT=int8
+    python bench/serve_load.py --compare metrics --clients 8    # what /metrics costs: on against off
+    python bench/serve_load.py --compare quant --clients 1,8    # int8 weights against float32
 
---compare_metrics starts two servers, one with metrics (the default) and one with NANOGPT_METRICS=0,
-and runs the same load on each in turn, --rounds times, alternating; it prints the median aggregate
-tokens/s of each and their ratio.
+--compare starts two servers, with metrics (the default) and with NANOGPT_METRICS=0, or with
+NANOGPT_QUANT=int8 and without, and runs the same load on each in turn, --rounds times, alternating;
+it prints the median aggregate tokens/s of each and their ratio.
 
 The weights are random (no download); their <|endoftext|> embedding is zeroed so that greedy
 decoding never ends a stream early and every stream generates exactly --max_tokens tokens.
@@ -36,6 +38,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
 
+from model.cli import QUANT_TYPES  # noqa: E402
 from model.compute import describe_cpu  # noqa: E402
 from model.gpt import GPTConfig  # noqa: E402
 from serving import gunicorn_server, write_model  # noqa: E402  (the tests' server harness)
@@ -113,31 +116,42 @@ def run_load(host: str, n: int, max_tokens: int) -> dict:
     }
 
 
+# two server settings to set side by side: (name, its environment) for each
+COMPARISONS = {
+    "metrics": [("metrics on", {"NANOGPT_METRICS": "1"}), ("metrics off", {"NANOGPT_METRICS": "0"})],
+    "quant": [("int8", {"NANOGPT_QUANT": "int8"}), ("float32", {"NANOGPT_QUANT": "none"})],
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="1,4,8,16", help="comma-separated numbers of concurrent streams")
     parser.add_argument("--max_tokens", type=int, default=128, help="tokens per stream")
     parser.add_argument("--max_rows", type=int, default=16, help="the server's NANOGPT_MAX_ROWS")
-    parser.add_argument("--compare_metrics", action="store_true", help="aggregate tokens/s with metrics on / off")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating runs per setting with --compare_metrics")
+    parser.add_argument("--quant", default="none", choices=QUANT_TYPES, help="the server's NANOGPT_QUANT")
+    parser.add_argument("--compare", choices=sorted(COMPARISONS), default=None,
+                        help="two servers side by side: metrics on / off, or int8 / float32 weights")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs per setting with --compare")
     args = parser.parse_args()
     print(describe_cpu(), flush=True)  # figures from different CPUs and ISAs are not comparable
     counts = [int(c) for c in args.clients.split(",")]
-    if args.compare_metrics:
-        compare_metrics(counts, args)
+    if args.compare:
+        compare(counts, args, COMPARISONS[args.compare])
         return
 
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
         write_model(models, "gpt2-124m-random", GPTConfig())  # GPT-2 124M shape
         # every core for the one worker, as gunicorn_config.py sets it (the tests' harness pins 1)
-        env = {"NANOGPT_MAX_ROWS": str(args.max_rows), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+        env = {"NANOGPT_MAX_ROWS": str(args.max_rows), "OMP_NUM_THREADS": str(os.cpu_count() or 1),
+               "NANOGPT_QUANT": args.quant}
         with gunicorn_server(models, Path(tmp) / "gunicorn.log", env) as server:
             host = server.url.removeprefix("http://")
             run_load(host, 1, 8)  # load the model and warm up before measuring
             rows = [run_load(host, n, args.max_tokens) for n in counts]
 
-    print(f"GPT-2 124M shape, fp32, one gevent worker, {args.max_tokens} tokens per stream, greedy")
+    weights = "int8 weights" if args.quant == "int8" else "fp32"
+    print(f"GPT-2 124M shape, {weights}, one gevent worker, {args.max_tokens} tokens per stream, greedy")
     print("| streams | aggregate tok/s | TTFT p50 / p95 (s) | per-stream tok/s | /health p50 / p95 / max (ms) |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -152,29 +166,29 @@ def main() -> None:
                 print(f"aggregate at {r['n']} streams / 1 stream: {r['aggregate'] / single:.2f}x")
 
 
-def compare_metrics(counts: list[int], args: argparse.Namespace) -> None:
-    """The same loads against a server with metrics and one without, alternating, side by side."""
+def compare(counts: list[int], args: argparse.Namespace, settings: list[tuple[str, dict]]) -> None:
+    """The same loads against two servers that differ in settings, alternating, side by side."""
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         models = Path(tmp) / "models"
         write_model(models, "gpt2-124m-random", GPTConfig())
         hosts = {}
-        for setting in ("on", "off"):
-            env = {"NANOGPT_MAX_ROWS": str(args.max_rows), "OMP_NUM_THREADS": str(os.cpu_count() or 1),
-                   "NANOGPT_METRICS": "1" if setting == "on" else "0"}
-            server = stack.enter_context(gunicorn_server(models, Path(tmp) / f"gunicorn-{setting}.log", env))
-            hosts[setting] = server.url.removeprefix("http://")
-            run_load(hosts[setting], 1, 8)  # load the model and warm up before measuring
-        print(f"GPT-2 124M shape, fp32, one gevent worker per server, {args.max_tokens} tokens per stream, greedy; "
+        for index, (name, setting) in enumerate(settings):
+            env = {"NANOGPT_MAX_ROWS": str(args.max_rows), "OMP_NUM_THREADS": str(os.cpu_count() or 1), **setting}
+            server = stack.enter_context(gunicorn_server(models, Path(tmp) / f"gunicorn-{index}.log", env))
+            hosts[name] = server.url.removeprefix("http://")
+            run_load(hosts[name], 1, 8)  # load the model and warm up before measuring
+        (a, _), (b, _) = settings
+        print(f"GPT-2 124M shape, one gevent worker per server, {args.max_tokens} tokens per stream, greedy; "
               f"median of {args.rounds} alternating runs")
-        print("| streams | aggregate tok/s, metrics on | metrics off | on / off |")
+        print(f"| streams | aggregate tok/s, {a} | {b} | {a} / {b} |")
         print("|---|---|---|---|")
         for n in counts:
-            runs = {"on": [], "off": []}
+            runs = {name: [] for name in hosts}
             for _ in range(args.rounds):
-                for setting, host in hosts.items():
-                    runs[setting].append(run_load(host, n, args.max_tokens)["aggregate"])
-            on, off = statistics.median(runs["on"]), statistics.median(runs["off"])
-            print(f"| {n} | {on:.1f} | {off:.1f} | {on / off:.3f} |", flush=True)
+                for name, host in hosts.items():
+                    runs[name].append(run_load(host, n, args.max_tokens)["aggregate"])
+            first, second = statistics.median(runs[a]), statistics.median(runs[b])
+            print(f"| {n} | {first:.1f} | {second:.1f} | {first / second:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -252,13 +252,14 @@ class GPT(nn.Module):
         if self.lm_head.weight.device.type != "cpu":
             raise ValueError(f"int8 weights are for decoding on CPU, and this model is on {self.lm_head.weight.device}: "
                              "serve float weights there (no --quant / NANOGPT_QUANT)")
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.int8 = int8_linear.quantize(module.weight)
-                module.packed = None
-                module.weight = None  # lm_head's: wte keeps the shared table for its lookups
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        for module in linears:
+            module.int8 = int8_linear.quantize(module.weight)
+            module.packed = None
+            module.weight = None  # lm_head's: wte keeps the shared table for its lookups
+        pages = ", in 2 MB pages" if int8_linear.gather_in_huge_pages([m.int8 for m in linears]) else ""
         kernel = "torch's int8 kernel" if int8_linear.kernel_runs() else "no int8 kernel in this torch: dequantized per product"
-        return f"int8 weights ({kernel})"
+        return f"int8 weights ({kernel}{pages})"
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count; tied wte/lm_head counted once. non_embedding drops both embedding tables."""

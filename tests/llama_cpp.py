@@ -14,10 +14,12 @@ unchanged for years, is declared field by field.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
@@ -47,14 +49,24 @@ class Batch(ctypes.Structure):
                 ("logits", ctypes.POINTER(ctypes.c_int8))]
 
 
-def _library() -> ctypes.CDLL:
+_LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_quiet = _LOG_CALLBACK(lambda level, text, data: None)
+
+
+@functools.cache  # once per process: a second CPU backend would be registered beside the first
+def _library(cpu: str | None) -> ctypes.CDLL:
     ggml = ctypes.CDLL(str(next(LIB_DIR.glob("libggml.*so"))), mode=ctypes.RTLD_GLOBAL)
     ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-    ggml.ggml_backend_load_all_from_path(str(LIB_DIR).encode())  # the CPU backend for this CPU's ISA
+    ggml.ggml_backend_load.argtypes, ggml.ggml_backend_load.restype = [ctypes.c_char_p], ctypes.c_void_p
+    if cpu is None:
+        ggml.ggml_backend_load_all_from_path(str(LIB_DIR).encode())  # the CPU backend for this CPU's ISA
+    elif not ggml.ggml_backend_load(str(LIB_DIR / f"libggml-cpu-{cpu}.so").encode()):
+        raise RuntimeError(f"llama.cpp has no CPU backend {cpu!r} for this CPU in {LIB_DIR} (libggml-cpu-*.so)")
     lib = ctypes.CDLL(str(next(LIB_DIR.glob("libllama*.so"))))
     p = ctypes.c_void_p
     for name, restype, argtypes in [
         ("llama_backend_init", None, []),
+        ("llama_log_set", None, [_LOG_CALLBACK, p]),
         ("llama_model_default_params", Opaque, []),
         ("llama_context_default_params", Opaque, []),
         ("llama_model_load_from_file", p, [ctypes.c_char_p, Opaque]),
@@ -75,15 +87,20 @@ def _library() -> ctypes.CDLL:
     ]:
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
+    if os.environ.get("LLAMA_CPP_LOG") != "1":  # its log is many lines per model and context
+        lib.llama_log_set(_quiet, None)
     lib.llama_backend_init()
     return lib
 
 
 class LlamaModel:
-    """A GGUF file loaded by llama.cpp: tokenize, logits of a token sequence, greedy continuation."""
+    """A GGUF file loaded by llama.cpp: tokenize, logits of a token sequence, greedy continuation.
 
-    def __init__(self, path: str | Path, threads: int = 2):
-        self.lib = _library()
+    cpu names one of the build's CPU backends (libggml-cpu-<cpu>.so: "haswell" is AVX2 as a Zen 2
+    gets it) instead of the best for this CPU; one choice per process."""
+
+    def __init__(self, path: str | Path, threads: int = 2, cpu: str | None = None):
+        self.lib = _library(cpu)
         self.model = self.lib.llama_model_load_from_file(str(path).encode(), self.lib.llama_model_default_params())
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path} (its log above says why)")
@@ -119,8 +136,8 @@ class LlamaModel:
         finally:
             self.lib.llama_free(ctx)
 
-    def _decode(self, ctx, tokens: list[int], start: int, all_logits: bool) -> list[list[float]]:
-        """Feed tokens at positions start.. and return the logits of every one (or of the last)."""
+    def _decode(self, ctx, tokens: list[int], start: int, all_logits: bool) -> np.ndarray:
+        """Feed tokens at positions start.. and return the logits (rows, vocab) of every one (or of the last)."""
         batch = self.lib.llama_batch_init(len(tokens), 0, 1)
         try:
             for i, t in enumerate(tokens):
@@ -131,12 +148,12 @@ class LlamaModel:
             assert self.lib.llama_decode(ctx, batch) == 0, "llama_decode failed"
             n = self.n_vocab()
             rows = range(len(tokens)) if all_logits else [len(tokens) - 1]
-            return [self.lib.llama_get_logits_ith(ctx, i)[:n] for i in rows]
+            return np.stack([np.ctypeslib.as_array(self.lib.llama_get_logits_ith(ctx, i), shape=(n,)) for i in rows])
         finally:
             self.lib.llama_batch_free(batch)
 
-    def logits(self, tokens: list[int]) -> list[list[float]]:
-        """The next-token logits after each prefix of tokens, in one forward pass."""
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """The next-token logits (len(tokens), vocab) after each prefix of tokens, in one forward pass."""
         with self._context() as ctx:
             return self._decode(ctx, tokens, 0, all_logits=True)
 
@@ -146,7 +163,7 @@ class LlamaModel:
         with self._context() as ctx:
             logits = self._decode(ctx, prompt, 0, all_logits=False)[-1]
             while len(out) < max_tokens:
-                token = max(range(len(logits)), key=logits.__getitem__)
+                token = int(logits.argmax())
                 out.append(token)
                 if token == stop:
                     break

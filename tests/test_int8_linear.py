@@ -67,6 +67,34 @@ def test_both_paths_give_the_dequantized_weights_product(shape, bias):
     torch.testing.assert_close(got.double(), reference, rtol=0, atol=tolerance * reference.abs().max().item())
 
 
+def test_widths_the_kernel_cannot_take_are_dequantized():
+    # torch's kernel reads rows 16 values at a time: at 40 it summed past the row, at 100 it crashed
+    torch.manual_seed(0)
+    for width in (40, 100):
+        layer = torch.nn.Linear(width, 24)
+        q = quantize(layer.weight)
+        x = torch.randn(3, width)
+        with torch.inference_mode():
+            torch.testing.assert_close(linear(x, q, layer.bias), F.linear(x, q.dequantize(), layer.bias))
+
+
+def test_values_gathered_in_huge_pages_are_the_same_numbers_on_cache_lines():
+    torch.manual_seed(0)
+    weights = [quantize(torch.randn(n, 64)) for n in (3, 48, 5)]  # 192 values: not a whole number of lines
+    before = [w.values.clone() for w in weights]
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        products = [linear(x, w) for w in weights]
+    if not int8_linear.gather_in_huge_pages(weights):
+        pytest.skip("no transparent huge pages here (not Linux, or THP disabled)")
+    storage = {w.values.untyped_storage().data_ptr() for w in weights}
+    assert len(storage) == 1  # one buffer
+    assert all(w.values.data_ptr() % int8_linear.CACHE_LINE == 0 for w in weights)
+    with torch.inference_mode():
+        for w, values, product in zip(weights, before, products):
+            assert torch.equal(w.values, values) and torch.equal(linear(x, w), product)
+
+
 def test_without_the_kernel_every_product_dequantizes(without_int8_kernel):
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 32)

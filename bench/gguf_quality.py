@@ -6,13 +6,15 @@ against our own model, on held-out questions with known answers.
 
 For each type (--types): the file's size; the mean loss of every question's expected answer and its
 <|endoftext|> after the prompt our server renders, llama.cpp's against ours; how many of llama.cpp's
-greedy answers equal ours; and its exact match beside ours. llama.cpp is the prebuilt library that
+greedy answers equal ours; and its exact match beside ours. The first row is our own engine with
+int8 weights (--quant int8, model/int8_linear.py), measured the same way. llama.cpp is the prebuilt library that
 `make .venv/llama.cpp` unpacks, driven by tests/llama_cpp.py (LLAMA_CPP_LIB_DIR elsewhere).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 from pathlib import Path
@@ -60,10 +62,25 @@ def main() -> None:
     answer_tokens = sum(len(s) - len(p) for p, s in zip(prompts, sequences))
     ours = generate_batch(model, prompts, SamplingParams(max_tokens=args.max_tokens, temperature=0))
     ours_right = sum(is_match(a, q.expected) for a, q in zip(ours, questions))
-    ours_loss = sum(answer_loss(model(torch.tensor([s]))[0][0], s, len(p)) for p, s in zip(prompts, sequences)) / answer_tokens
+
+    def loss_of(m) -> float:
+        return sum(answer_loss(m(torch.tensor([s]))[0][0], s, len(p)) for p, s in zip(prompts, sequences)) / answer_tokens
+
+    def row(name: str, size: str, loss: float, answers: list[str]) -> None:
+        same = sum(a == b for a, b in zip(answers, ours))
+        right = sum(is_match(a, q.expected) for a, q in zip(answers, questions))
+        print(f"| {name} | {size} | {loss:.5f} | {(loss - ours_loss) / ours_loss:+.3%} | {same} / {len(questions)} "
+              f"| {right} / {len(questions)} |", flush=True)
+
+    ours_loss = loss_of(model)
     print(f"{source}: {len(questions)} questions; ours: answer loss {ours_loss:.5f}, exact match {ours_right}")
-    print("| type | file | answer loss | vs ours | answers equal to ours | exact match |")
+    print("| type | size | answer loss | vs ours | answers equal to ours | exact match |")
     print("|---|---|---|---|---|---|")
+    int8 = copy.deepcopy(model)
+    int8.prepare_inference("int8")
+    int8_bytes = sum(m.int8.nbytes() for m in int8.modules() if getattr(m, "int8", None) is not None)
+    int8_answers = generate_batch(int8, prompts, SamplingParams(max_tokens=args.max_tokens, temperature=0))
+    row("ours int8", f"{int8_bytes / 2**20:.1f} MiB of int8 matrices", loss_of(int8), int8_answers)
     with tempfile.TemporaryDirectory() as tmp:
         for file_type in args.types.split(","):
             if file_type not in TYPES:
@@ -77,10 +94,7 @@ def main() -> None:
                 answers = [decode([t for t in theirs.greedy(p, args.max_tokens, stop=EOT) if t != EOT]) for p in prompts]
             finally:
                 theirs.close()
-            same = sum(a == b for a, b in zip(answers, ours))
-            right = sum(is_match(a, q.expected) for a, q in zip(answers, questions))
-            print(f"| {file_type} | {path.stat().st_size / 2**20:.1f} MiB | {loss:.5f} | {(loss - ours_loss) / ours_loss:+.3%} "
-                  f"| {same} / {len(questions)} | {right} / {len(questions)} |", flush=True)
+            row(f"{file_type} in llama.cpp", f"{path.stat().st_size / 2**20:.1f} MiB file", loss, answers)
 
 
 def need_llama_cpp_or_exit() -> None:

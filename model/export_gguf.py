@@ -2,6 +2,8 @@
 
     python model/export_gguf.py --checkpoint checkpoints/dolly --out dolly-q8_0.gguf --type q8_0
     python model/export_gguf.py --checkpoint checkpoints/demo/dpo --out demo-f32.gguf --type f32
+    llama-server -m dolly-q8_0.gguf --jinja                    # llama.cpp's OpenAI-compatible server
+    ollama create dolly -f dolly-q8_0.Modelfile                # Ollama, with the Modelfile written beside
 
 The file is written with the `gguf` package (the llama.cpp project's own writer) under llama.cpp's
 `gpt2` architecture, which is our model exactly: learned positions, pre-LayerNorm blocks with
@@ -14,6 +16,9 @@ GPT-2's 50257, with GPT-2's own token strings and merges and the pre-tokenizer "
 warns that quality is degraded without one), <|endoftext|> as both BOS and EOS, and our prompt
 template as the file's chat template (model/prompt.py's CHAT_TEMPLATE, Jinja), so that a runtime
 rendering chats from the file (llama-server --jinja) sends the model what our server sends.
+Ollama renders chats with a Go template of its own instead, so a Modelfile is written beside the
+file (--modelfile): FROM the file, our template as model/prompt.py's OLLAMA_TEMPLATE, the context
+length and our default temperature.
 
 Types: f32 (bitwise our weights), f16 (every matrix in half precision), q8_0 (every matrix in
 blocks of 32 int8 values with one f16 scale, 8.5 bits a weight: a quarter of f32's bytes), q4_0
@@ -32,11 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 import gguf
 import numpy as np
 
-from model.atomic import atomic_path
+from model.atomic import atomic_path, atomic_write
 from model.cli import HelpFormatter
 from model.gpt import GPT
 from model.pretrained import load_pretrained
-from model.prompt import CHAT_TEMPLATE
+from model.engine import DEFAULT_TEMPERATURE
+from model.prompt import CHAT_TEMPLATE, OLLAMA_TEMPLATE
 from model.tokenizer import EOT, VOCAB_SIZE, gpt2_vocabulary
 
 TYPES = {
@@ -122,6 +128,24 @@ def write_gguf(model: GPT, path: str | Path, file_type: str = "f32", name: str =
         writer.close()
 
 
+def modelfile(gguf_path: str | Path, modelfile_path: str | Path, context_length: int) -> str:
+    """An Ollama Modelfile for a GGUF file: FROM it (by a relative path when they share a folder, as
+    Ollama resolves FROM from the Modelfile's folder), our prompt template, <|endoftext|> as the stop,
+    the context length and our default temperature."""
+    gguf_path, modelfile_path = Path(gguf_path), Path(modelfile_path)
+    source = (f"./{gguf_path.name}" if gguf_path.resolve().parent == modelfile_path.resolve().parent
+              else str(gguf_path.resolve()))
+    return (
+        f"# ollama create NAME -f {modelfile_path.name}   (written by model/export_gguf.py)\n"
+        f"FROM {source}\n"
+        "# our prompt template (model/prompt.py), as our server and tuning render conversations\n"
+        f'TEMPLATE """{OLLAMA_TEMPLATE}"""\n'
+        'PARAMETER stop "<|endoftext|>"\n'
+        f"PARAMETER num_ctx {context_length}\n"
+        f"PARAMETER temperature {DEFAULT_TEMPERATURE}\n"
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a step_*.pt file or a run directory (its newest checkpoint)")
@@ -129,6 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--type", default="q8_0", choices=list(TYPES),
                         help="weight type: f32 (exact), f16, q8_0 (a quarter of f32's bytes) or q4_0 (an eighth)")
     parser.add_argument("--name", default=None, help="the model's name in the file (default: the run directory's)")
+    parser.add_argument("--modelfile", default=None,
+                        help="the Ollama Modelfile to write (default: --out with .Modelfile for .gguf; none: no Modelfile)")
     return parser.parse_args(argv)
 
 
@@ -139,11 +165,17 @@ def main(argv: list[str] | None = None) -> int:
         model, source = load_pretrained(args.checkpoint)
         name = args.name or Path(source).resolve().parent.name
         write_gguf(model, args.out, args.type, name)
+        modelfile_path = args.modelfile or Path(args.out).with_suffix(".Modelfile")
+        if args.modelfile != "none":
+            text = modelfile(args.out, modelfile_path, model.config.block_size)
+            atomic_write(modelfile_path, lambda f: f.write(text.encode()))
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     size = Path(args.out).stat().st_size
     print(f"{source} -> {args.out} ({args.type}, {size / 2**20:.1f} MiB)")
+    if args.modelfile != "none":
+        print(f"Ollama: ollama create {name} -f {modelfile_path}")
     return 0
 
 

@@ -238,6 +238,41 @@ CHAT_TEMPLATE = (
 )
 
 
+# The same rendering as an Ollama TEMPLATE (a Go text/template), for the Modelfile that
+# model/export_gguf.py writes: Ollama does not render the GGUF's Jinja template, it renders its own.
+# It sees Ollama's messages, in which consecutive messages of one role (tool messages aside) are
+# already joined by a blank line, as chat_turns joins them; so it maps them onto turns as
+# CHAT_TEMPLATE does (tested against our turns with Go's text/template). Every piece of output is a
+# printf, so the template's own layout adds no whitespace. One difference: a message of only
+# spaces is left out by chat_turns, but Go templates cannot trim, so Ollama would render it.
+OLLAMA_TEMPLATE = (
+    '{{- $users := "" }}{{- $context := "" }}{{- $reply := "" }}{{- $open := false }}'
+    '{{- range .Messages }}'
+    '{{- if eq .Role "assistant" }}'
+    '{{- if .Content }}{{ if $reply }}{{ $reply = printf "%s\\n\\n%s" $reply .Content }}{{ else }}{{ $reply = .Content }}{{ end }}{{ end }}'
+    '{{- else }}'
+    '{{- if and $reply (ne .Role "tool") }}'
+    '{{- printf "### Instruction:\\n%s\\n\\n" $users }}'
+    '{{- if $context }}{{ printf "### Context:\\n%s\\n\\n" $context }}{{ end }}'
+    '{{- printf "### Response:\\n%s<|endoftext|>" $reply }}'
+    '{{- $users = "" }}{{ $context = "" }}{{ $reply = "" }}{{ $open = false }}'
+    '{{- end }}'
+    '{{- if eq .Role "user" }}'
+    '{{- if $open }}{{ $users = printf "%s\\n\\n%s" $users .Content }}{{ else }}{{ $users = .Content }}{{ $open = true }}{{ end }}'
+    '{{- else if .Content }}'
+    '{{- $text := .Content }}{{ if eq .Role "tool" }}{{ $text = printf "Tool: %s" .Content }}{{ end }}'
+    '{{- if $context }}{{ $context = printf "%s\\n\\n%s" $context $text }}{{ else }}{{ $context = $text }}{{ end }}'
+    '{{- end }}'
+    '{{- end }}'
+    '{{- end }}'
+    '{{- if $open }}'
+    '{{- printf "### Instruction:\\n%s\\n\\n" $users }}'
+    '{{- if $context }}{{ printf "### Context:\\n%s\\n\\n" $context }}{{ end }}'
+    '{{- printf "### Response:\\n" }}{{ if $reply }}{{ printf "%s<|endoftext|>" $reply }}{{ end }}'
+    '{{- end }}'
+)
+
+
 CACHED_TEXT_CHARS = 4096  # longer texts are encoded each time: the cache stays a few MB whatever comes in
 
 

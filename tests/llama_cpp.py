@@ -1,4 +1,5 @@
-"""llama.cpp itself, for the GGUF tests: its C library (libllama, prebuilt) driven through ctypes.
+"""llama.cpp itself, for the GGUF tests and benchmarks: its C library (libllama, prebuilt) driven
+through ctypes. Its log is silenced (LLAMA_CPP_LOG=1 shows it).
 
 The build is the prebuilt Linux x64 one that the npm registry ships as @node-llama-cpp/linux-x64
 (llama.cpp's libllama and libggml with CPU backends for each x86 ISA level, built on Ubuntu 22.04);
@@ -56,6 +57,10 @@ _quiet = _LOG_CALLBACK(lambda level, text, data: None)
 @functools.cache  # once per process: a second CPU backend would be registered beside the first
 def _library(cpu: str | None) -> ctypes.CDLL:
     ggml = ctypes.CDLL(str(next(LIB_DIR.glob("libggml.*so"))), mode=ctypes.RTLD_GLOBAL)
+    quiet = os.environ.get("LLAMA_CPP_LOG") != "1"  # its log is many lines per model and context
+    if quiet:
+        ggml.ggml_log_set.argtypes = [_LOG_CALLBACK, ctypes.c_void_p]
+        ggml.ggml_log_set(_quiet, None)
     ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
     ggml.ggml_backend_load.argtypes, ggml.ggml_backend_load.restype = [ctypes.c_char_p], ctypes.c_void_p
     if cpu is None:
@@ -87,7 +92,7 @@ def _library(cpu: str | None) -> ctypes.CDLL:
     ]:
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
-    if os.environ.get("LLAMA_CPP_LOG") != "1":  # its log is many lines per model and context
+    if quiet:
         lib.llama_log_set(_quiet, None)
     lib.llama_backend_init()
     return lib

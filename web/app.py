@@ -56,7 +56,7 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20  # larger than any prompt that fits a 1024-token context, JSON-escaped
     torch_threads: int = 0  # per engine thread; 0 = OMP_NUM_THREADS, else every core
     device: str = ""  # "" = cuda if present, else cpu
-    quant: str = "none"  # "int8": per-channel int8 weights on CPU, decoding ~3x faster (GPT.prepare_inference)
+    quant: str = "none"  # "int8": per-channel int8 weights on CPU, decoding ~2x faster (GPT.prepare_inference)
     # a conversation longer than the context: False = 400 context_length_exceeded (OpenAI's answer);
     # True = its oldest turns are left out until it fits with room for the answer, as in tuning
     drop_old_turns: bool = False

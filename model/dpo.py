@@ -41,7 +41,6 @@ reference's (dropout would give them noise and the rewards a bias).
 """
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -63,11 +62,14 @@ from model.trainer import (
     BETAS,
     Objective,
     accumulation_steps,
+    add_epoch_batch_args,
     add_training_args,
+    check_epoch_batch_args,
     check_resume_step,
     check_training_args,
     load_resume_checkpoint,
     resolve_dtype,
+    steps_for_epochs,
     train,
 )
 
@@ -90,11 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="add this times the chosen reply's mean token NLL to each pair's loss (0: pure DPO)")
     g.add_argument("--dropout", type=float, default=0.0,
                    help="dropout of the policy while training; above 0 the step-0 rewards are no longer 0")
-    g = parser.add_argument_group("batch")
-    g.add_argument("--batch_size", type=int, default=8, help="pairs per micro-batch per rank (twice as many rows)")
-    g.add_argument("--total_batch_size", type=int, default=64,
-                   help="pairs per optimizer step; gradient accumulation = this / (batch_size * ranks)")
-    g.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs, when --max_steps is 0")
+    add_epoch_batch_args(parser, unit="pairs", total_batch_size=64, epochs=1.0, batch_size_note=" (twice as many rows)")
     g = parser.add_argument_group("sample answers")
     g.add_argument("--num_samples", type=int, default=3, help="val prompts answered greedily at each evaluation")
     g.add_argument("--sample_tokens", type=int, default=96, help="most tokens per sample answer")
@@ -103,11 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "exactly (eval/exact_match.py)")
     args = parser.parse_args(argv)
     check_training_args(parser, args)
-    for name in ("batch_size", "total_batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
-    if args.epochs <= 0:
-        parser.error("--epochs must be > 0")
+    check_epoch_batch_args(parser, args)
     if args.beta <= 0:
         parser.error(f"--beta must be > 0, got {args.beta}")
     if args.sft_weight < 0:
@@ -200,9 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         val_loader = PairLoader(args.data_dir, "val", args.batch_size, compute.rank, compute.world_size,
                                 shuffle=False, block_size=block)
         exact_match = exact_match_evaluation(args.exact_match_data, compute) if args.exact_match_data else None
-        if args.max_steps == 0:
-            args.max_steps = math.ceil(args.epochs * train_loader.num_batches() / grad_accum)
-            compute.print0(f"{args.epochs:g} epochs of {train_loader.num_batches()} micro-batches = {args.max_steps} steps")
+        steps_for_epochs(args, train_loader.num_batches(), grad_accum, compute)
         check_resume_step(resume_ckpt, args.max_steps)
         fingerprint = data_fingerprint(args.data_dir)
         if resume_ckpt is not None and resume_ckpt["reference_data"] != fingerprint:

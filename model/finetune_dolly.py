@@ -27,7 +27,6 @@ until it switches to dynamic shapes; it pays off on long runs only.
 """
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -45,11 +44,14 @@ from model.gpt import GPT
 from model.pretrained import load_pretrained, with_dropout
 from model.trainer import (
     BETAS,
+    accumulation_steps,
+    add_epoch_batch_args,
     add_training_args,
+    check_epoch_batch_args,
     check_resume_step,
     check_training_args,
-    accumulation_steps,
     load_resume_checkpoint,
+    steps_for_epochs,
     train,
 )
 
@@ -68,11 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--init_from", default=None, help="a Hugging Face GPT-2 name (gpt2, gpt2-medium, ...) or a local HF directory")
     g.add_argument("--dropout", type=float, default=0.1, help="dropout while tuning (the saved model keeps it; eval ignores it). On CPU, attention dropout "
                         "sends attention to PyTorch's slow math kernel: --dropout 0 is several times faster there")
-    g = parser.add_argument_group("batch")
-    g.add_argument("--batch_size", type=int, default=8, help="examples per micro-batch per rank")
-    g.add_argument("--total_batch_size", type=int, default=32,
-                   help="examples per optimizer step; gradient accumulation = this / (batch_size * ranks)")
-    g.add_argument("--epochs", type=float, default=3.0, help="passes over the training examples, when --max_steps is 0")
+    g = add_epoch_batch_args(parser, unit="examples", total_batch_size=32, epochs=3.0)
     g.add_argument("--no_bucket", action="store_true", help="batch examples in plain random order, not grouped by length")
     g = parser.add_argument_group("sample answers")
     g.add_argument("--num_samples", type=int, default=3, help="val instructions answered greedily at each evaluation")
@@ -84,11 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_hellaswag_args(parser, every=0)  # e.g. --hellaswag_every 200: what tuning costs in general knowledge
     args = parser.parse_args(argv)
     check_training_args(parser, args)
-    for name in ("batch_size", "total_batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
-    if args.epochs <= 0:
-        parser.error("--epochs must be > 0")
+    check_epoch_batch_args(parser, args)
     if not 0 <= args.dropout < 1:
         parser.error("--dropout must be in [0, 1)")
     if args.pretrained_checkpoint and args.init_from:
@@ -123,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                                        shuffle=False, block_size=block)
         hellaswag = hellaswag_evaluation(args, compute)
         exact_match = exact_match_evaluation(args.exact_match_data, compute) if args.exact_match_data else None
-        if args.max_steps == 0:
-            args.max_steps = math.ceil(args.epochs * train_loader.num_batches() / grad_accum)
-            compute.print0(f"{args.epochs:g} epochs of {train_loader.num_batches()} micro-batches = {args.max_steps} steps")
+        steps_for_epochs(args, train_loader.num_batches(), grad_accum, compute)
         check_resume_step(resume_ckpt, args.max_steps)
     except (OSError, ValueError) as e:  # OSError: also the Hub out of reach; ValueError: also bad data
         compute.print0(f"error: {e}", file=sys.stderr)

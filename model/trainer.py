@@ -137,6 +137,36 @@ def add_training_args(
                    help="print a step's line every N steps (log.jsonl gets every step; a terminal also shows a progress bar)")
 
 
+def add_epoch_batch_args(parser: argparse.ArgumentParser, *, unit: str, total_batch_size: int, epochs: float,
+                         batch_size_note: str = "") -> argparse._ArgumentGroup:
+    """The batch flags of the tuning stages, which count whole examples (or pairs) of the given unit
+    rather than tokens, and may run for --epochs instead of --max_steps; check_epoch_batch_args checks
+    them. Returns the group, for a stage's own batch flags."""
+    g = parser.add_argument_group("batch")
+    g.add_argument("--batch_size", type=int, default=8, help=f"{unit} per micro-batch per rank{batch_size_note}")
+    g.add_argument("--total_batch_size", type=int, default=total_batch_size,
+                   help=f"{unit} per optimizer step; gradient accumulation = this / (batch_size * ranks)")
+    g.add_argument("--epochs", type=float, default=epochs, help=f"passes over the training {unit}, when --max_steps is 0")
+    return g
+
+
+def check_epoch_batch_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse batch flags (add_epoch_batch_args) that cannot make a run (argparse's usage error)."""
+    for name in ("batch_size", "total_batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.epochs <= 0:
+        parser.error("--epochs must be > 0")
+
+
+def steps_for_epochs(args: argparse.Namespace, micro_batches: int, grad_accum: int, compute: Compute) -> None:
+    """Set args.max_steps from --epochs when it is 0: enough optimizer steps to read the training
+    split's micro_batches (per rank) epochs times."""
+    if args.max_steps == 0:
+        args.max_steps = math.ceil(args.epochs * micro_batches / grad_accum)
+        compute.print0(f"{args.epochs:g} epochs of {micro_batches} micro-batches = {args.max_steps} steps")
+
+
 def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse flag values the loop cannot honour, before any work, with the flag named (exit 2)."""
     for name in ("max_steps", "max_lr", "warmup_steps", "eval_every", "save_every", "keep_last", "grad_clip"):

@@ -6,11 +6,11 @@ Claims under test: our float32 engine decodes at least 1.3x as many tokens/s as
 float32, since a decode step reads every weight once and int8 reads a quarter of the bytes; and
 within 1.5x of llama.cpp running the q8_0 file (model/export_gguf.py) with the same thread count.
 
-    python bench/decode.py                                  # everything, 64 new tokens after a 16-token prompt
+    python bench/decode.py                                  # everything, 64 new tokens after a 14-token prompt
     python bench/decode.py --quant int8 --against q8_0      # our int8 against llama.cpp's q8_0 only
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python bench/decode.py --llama_cpu haswell   # as on an AVX2 CPU
 
-What is timed: a whole request, prompt prefill included (16 tokens, a few % of the time), through
+What is timed: a whole request, prompt prefill included (14 tokens, a few % of the time), through
 model/engine.py (one-row engine, TextStream detokenizing as it goes, weights prepared by
 GPT.prepare_inference as the CLI and the server do: float32 packed for oneDNN, or int8); through
 transformers' generate(do_sample=False, use_cache=True) on the same weights, exported with
@@ -120,6 +120,8 @@ def main() -> None:
     against = [a for a in args.against.split(",") if a]
     if unknown := [q for q in quants if q not in QUANT_TYPES] + [a for a in against if a not in ("transformers", *GGUF_TYPES)]:
         parser.error(f"unknown --quant / --against: {', '.join(unknown)}")
+    if args.device != "cpu" and "int8" in quants:
+        parser.error("int8 weights are for decoding on CPU: pass --quant none with another device")
     print(describe_cpu(), flush=True)  # figures from different CPUs and ISAs are not comparable
 
     if args.threads:
@@ -157,8 +159,8 @@ def main() -> None:
             closers.insert(0, llama.close)
             runs[f"llama.cpp {kind}"] = lambda llama=llama: llama.greedy(prompt, n)
             weight_bytes[f"llama.cpp {kind}"] = path.stat().st_size
-    for quant in quants:  # after the exports, which read the float weights that int8 drops
-        ready = copy.deepcopy(model).to(device)
+    for quant in quants:
+        ready = copy.deepcopy(model).to(device)  # int8 drops the float weights: each kind gets its own copy
         how = ready.prepare_inference(quant)  # as the server and the CLI do
         name = "ours float32" if quant == "none" else f"ours {quant}"
         print(f"{name}: {how}")

@@ -173,7 +173,8 @@ def compare(counts: list[int], args: argparse.Namespace, settings: list[tuple[st
         write_model(models, "gpt2-124m-random", GPTConfig())
         hosts = {}
         for index, (name, setting) in enumerate(settings):
-            env = {"NANOGPT_MAX_ROWS": str(args.max_rows), "OMP_NUM_THREADS": str(os.cpu_count() or 1), **setting}
+            env = {"NANOGPT_MAX_ROWS": str(args.max_rows), "OMP_NUM_THREADS": str(os.cpu_count() or 1),
+                   "NANOGPT_QUANT": args.quant, **setting}
             server = stack.enter_context(gunicorn_server(models, Path(tmp) / f"gunicorn-{index}.log", env))
             hosts[name] = server.url.removeprefix("http://")
             run_load(hosts[name], 1, 8)  # load the model and warm up before measuring

@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         for checkpoint in args.checkpoint:
             model, source = load_pretrained(checkpoint)
             name = Path(checkpoint).name if Path(checkpoint).is_dir() else checkpoint
-            model.to(device).requires_grad_(False).prepare_inference(args.quant)
+            weights = model.to(device).requires_grad_(False).prepare_inference(args.quant)
+            print(f"{name}: {weights}")
             answers[name] = answer(model, questions, args.max_tokens)
             results[name] = score(questions, answers[name]) | {"checkpoint": source}
             print(format_score(name, results[name]))

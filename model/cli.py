@@ -8,7 +8,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help shows each flag's default and keeps the script docstring's line breaks."""
 
 
-QUANT_TYPES = ("none", "int8")  # GPT.prepare_inference's; NANOGPT_QUANT takes the same words
+QUANT_TYPES = ("none", "int8")  # the weights GPT.prepare_inference can serve with; NANOGPT_QUANT takes the same words
 
 
 def add_quant_argument(parser: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ template as the file's chat template (model/prompt.py's CHAT_TEMPLATE, Jinja), s
 rendering chats from the file (llama-server --jinja) sends the model what our server sends.
 Ollama renders chats with a Go template of its own instead, so a Modelfile is written beside the
 file (--modelfile): FROM the file, our template as model/prompt.py's OLLAMA_TEMPLATE, the context
-length and our default temperature.
+length and our server's sampling defaults.
 
 Types: f32 (bitwise our weights), f16 (every matrix in half precision), q8_0 (every matrix in
 blocks of 32 int8 values with one f16 scale, 8.5 bits a weight: a quarter of f32's bytes), q4_0
@@ -39,9 +39,9 @@ import numpy as np
 
 from model.atomic import atomic_path, atomic_write
 from model.cli import HelpFormatter
+from model.engine import DEFAULT_TEMPERATURE
 from model.gpt import GPT
 from model.pretrained import load_pretrained
-from model.engine import DEFAULT_TEMPERATURE
 from model.prompt import CHAT_TEMPLATE, OLLAMA_TEMPLATE
 from model.tokenizer import EOT, VOCAB_SIZE, gpt2_vocabulary
 
@@ -131,7 +131,9 @@ def write_gguf(model: GPT, path: str | Path, file_type: str = "f32", name: str =
 def modelfile(gguf_path: str | Path, modelfile_path: str | Path, context_length: int) -> str:
     """An Ollama Modelfile for a GGUF file: FROM it (by a relative path when they share a folder, as
     Ollama resolves FROM from the Modelfile's folder), our prompt template, <|endoftext|> as the stop,
-    the context length and our default temperature."""
+    the context length, and our server's sampling defaults: temperature 0.7 and no top-k, top-p or
+    repeat penalty, where Ollama's own (top_k 40, top_p 0.9, repeat_penalty 1.1) would change even
+    greedy answers."""
     gguf_path, modelfile_path = Path(gguf_path), Path(modelfile_path)
     source = (f"./{gguf_path.name}" if gguf_path.resolve().parent == modelfile_path.resolve().parent
               else str(gguf_path.resolve()))
@@ -143,6 +145,9 @@ def modelfile(gguf_path: str | Path, modelfile_path: str | Path, context_length:
         'PARAMETER stop "<|endoftext|>"\n'
         f"PARAMETER num_ctx {context_length}\n"
         f"PARAMETER temperature {DEFAULT_TEMPERATURE}\n"
+        "PARAMETER top_k 0\n"
+        "PARAMETER top_p 1\n"
+        "PARAMETER repeat_penalty 1\n"
     )
 
 

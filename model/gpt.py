@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import cpu_linear, int8_linear
+from model.cli import QUANT_TYPES
 from model.lm_loss import lm_loss
 
 # Targets equal to this contribute no loss (prompt tokens in fine-tuning, padding). The data code
@@ -243,15 +244,17 @@ class GPT(nn.Module):
         token embedding keeps its float32 table for lookups. CPU only: on a GPU the weights are
         already bf16 and the products are not bound by reading them as a CPU's are.
         """
+        if quant not in QUANT_TYPES:
+            raise ValueError(f"quant must be one of {', '.join(QUANT_TYPES)}, not {quant!r}")
+        if self.lm_head.int8 is not None:
+            raise ValueError("this model holds int8 weights already (its float ones are gone): load the checkpoint again")
         if quant == "none":
             if self.pack_for_cpu_inference():
                 return "float32 weights, packed for oneDNN"
             return f"{self.lm_head.weight.dtype} weights".removeprefix("torch.")
-        if quant != "int8":
-            raise ValueError(f"quant must be none or int8, not {quant!r}")
         if self.lm_head.weight.device.type != "cpu":
             raise ValueError(f"int8 weights are for decoding on CPU, and this model is on {self.lm_head.weight.device}: "
-                             "serve float weights there (no --quant / NANOGPT_QUANT)")
+                             "load it on the CPU (--device cpu, NANOGPT_DEVICE=cpu) or keep its float weights")
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         for module in linears:
             module.int8 = int8_linear.quantize(module.weight)

@@ -11,7 +11,8 @@ capped to AVX2: batch-1 decoding 2.15x and 2.24x our float32 engine's speed (REA
 That kernel computes each row on its own, so its cost grows with the rows as a float32 GEMM's does
 not: above KERNEL_ROWS rows (a prompt's prefill, a held-out loss) the weight is dequantized to
 float32 once and multiplied as usual, which is faster there. Both paths compute with the same int8
-weights, so a quality figure measured on long texts is the decoder's.
+weights (the dequantizing one without the kernel's bfloat16 rounding of activations), so a quality
+figure measured on long texts is the int8 weights'.
 
 Activations enter the kernel as bfloat16 (its fast path; float32 inputs take a scalar loop 3-10x
 slower) and the output is bfloat16, converted back: about 0.4% relative rounding per value,
@@ -42,12 +43,13 @@ from model import cpu_linear
 # Intel Xeon at 3072 x 768 (natively, and with ATen and oneDNN capped to AVX2): 16 rows 0.47 ms
 # against 0.38 + 0.33 ms, 64 rows 1.8 ms against 0.38 + 0.82 ms. Up to 32, a decode step of a full
 # batch (the server's 16 rows, exact match's 32) stays on the kernel, so each row gets the same
-# bits whatever its neighbours (the kernel is row by row).
+# bits whatever its neighbours (the kernel is row by row); the server refuses more rows with int8.
 KERNEL_ROWS = 32
 # The kernel reads each row 16 values at a time and has no tail: at other widths it reads past the
 # row (measured: wrong sums at 40, a crash at 100), so those take the dequantizing path.
 KERNEL_WIDTH_MULTIPLE = 16
 MADV_HUGEPAGE, HUGE_PAGE, CACHE_LINE = 14, 2 << 20, 64  # Linux's madvise advice; x86-64's page and line sizes
+THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"  # "[never]" there: madvise succeeds, to no effect
 
 
 @dataclass
@@ -55,8 +57,7 @@ class Int8Weight:
     """A Linear weight (out, in) as int8 values and a per-output-channel scale: w ~ values * scale[:, None]."""
 
     values: torch.Tensor  # (out, in) int8
-    scale: torch.Tensor  # (out,) float32, each exactly a bfloat16 value
-    scale_bf16: torch.Tensor  # the same scales as the kernel takes them
+    scale: torch.Tensor  # (out,) bfloat16, as the kernel takes them (exact in float32 too)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight these values stand for, (out, in) in dtype."""
@@ -64,8 +65,8 @@ class Int8Weight:
             self.scale.to(dtype)[:, None])
 
     def nbytes(self) -> int:
-        """Bytes a product reads: the values and the kernel's scales."""
-        return self.values.numel() + self.scale_bf16.numel() * self.scale_bf16.element_size()
+        """Bytes a product reads: the values and the scales."""
+        return self.values.numel() + self.scale.numel() * self.scale.element_size()
 
 
 def round_up_to_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -83,14 +84,19 @@ def quantize(weight: torch.Tensor) -> Int8Weight:
     # an all-zero channel gets scale 1 (its values are 0 whatever the scale); others reach 127 at most
     scale = round_up_to_bf16(torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax)))
     values = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return Int8Weight(values=values, scale=scale, scale_bf16=scale.to(torch.bfloat16))
+    return Int8Weight(values=values, scale=scale.to(torch.bfloat16))
 
 
 def gather_in_huge_pages(weights: list[Int8Weight]) -> bool:
     """Move the int8 values of weights into one buffer that Linux backs with 2 MB pages (transparent
     huge pages, asked for with madvise), each on a cache-line boundary. Returns False, changing
-    nothing, off Linux or where the kernel refuses the advice (THP disabled)."""
+    nothing, off Linux, where THP is off ("never") or where the kernel refuses the advice."""
     if platform.system() != "Linux" or not weights:
+        return False
+    try:
+        if "[never]" in open(THP_SETTING).read():
+            return False
+    except OSError:  # no THP in this kernel
         return False
     offsets, total = [], 0
     for w in weights:
@@ -112,18 +118,19 @@ def _kernel(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
     """x (rows, in) @ dequantized weight.T through torch's int8 kernel, in x's dtype."""
     # a fresh bf16 copy: the kernel loads its rows with aligned loads, which a view at an offset may break
     a = x.to(torch.bfloat16, memory_format=torch.contiguous_format, copy=True)
-    return torch.ops.aten._weight_int8pack_mm(a, weight.values, weight.scale_bf16).to(x.dtype)
+    return torch.ops.aten._weight_int8pack_mm(a, weight.values, weight.scale).to(x.dtype)
 
 
 @functools.cache
 def kernel_runs() -> bool:
     """Whether torch's int8 kernel runs on this CPU and gives the dequantized product: asked once
-    per process with a 3 x 64 x 16 product (inputs made without the global RNG)."""
-    x = torch.arange(192, dtype=torch.float32).view(3, 64) / 96 - 1
-    weight = quantize(torch.arange(1024, dtype=torch.float32).view(16, 64).sin())
+    per process with a 3 x 64 x 16 product (inputs made without the global RNG, on the CPU whatever
+    the default device)."""
+    x = torch.arange(192, dtype=torch.float32, device="cpu").view(3, 64) / 96 - 1
+    weight = quantize(torch.arange(1024, dtype=torch.float32, device="cpu").view(16, 64).sin())
     expected = x.to(torch.bfloat16).float() @ weight.dequantize().T
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
             got = _kernel(x, weight)
     except (RuntimeError, NotImplementedError):  # a build or platform without it
         return False

@@ -93,7 +93,8 @@ class _LinearCrossEntropyBF16(torch.autograd.Function):
 def lm_loss(h: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, reduction: str) -> torch.Tensor:
     """Cross-entropy of lm_head(h) (rows, vocab) against targets (rows,), all of them valid (the
     caller drops ignored positions): "mean" or "sum" over the rows, in float32."""
-    if len(targets) and lm_head.weight.dtype == torch.float32 and lm_head.bias is None:
+    # (an int8 lm_head, model/int8_linear.py, has no float weight to fuse: it takes the plain path)
+    if len(targets) and lm_head.weight is not None and lm_head.weight.dtype == torch.float32 and lm_head.bias is None:
         if cpu_linear.usable(h):
             return _LinearCrossEntropy.apply(h, lm_head.weight, targets, reduction == "mean")
         if cpu_linear.usable_bf16(h):

@@ -243,8 +243,9 @@ CHAT_TEMPLATE = (
 # It sees Ollama's messages, in which consecutive messages of one role (tool messages aside) are
 # already joined by a blank line, as chat_turns joins them; so it maps them onto turns as
 # CHAT_TEMPLATE does (tested against our turns with Go's text/template). Every piece of output is a
-# printf, so the template's own layout adds no whitespace. One difference: a message of only
-# spaces is left out by chat_turns, but Go templates cannot trim, so Ollama would render it.
+# printf, so the template's own layout adds no whitespace. One difference: chat_turns leaves out a
+# blank system, developer or assistant message, but Ollama joins it to a neighbour of its role with
+# a blank line before the template runs (and Go templates cannot trim), so there the two differ.
 OLLAMA_TEMPLATE = (
     '{{- $users := "" }}{{- $context := "" }}{{- $reply := "" }}{{- $open := false }}'
     '{{- range .Messages }}'

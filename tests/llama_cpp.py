@@ -15,7 +15,6 @@ unchanged for years, is declared field by field.
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,8 +53,15 @@ _LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_v
 _quiet = _LOG_CALLBACK(lambda level, text, data: None)
 
 
-@functools.cache  # once per process: a second CPU backend would be registered beside the first
+_loaded: dict[str | None, ctypes.CDLL] = {}  # the one library of this process, by the CPU backend asked for
+
+
 def _library(cpu: str | None) -> ctypes.CDLL:
+    if cpu in _loaded:
+        return _loaded[cpu]
+    if _loaded:  # a second CPU backend would be registered beside the first, and llama.cpp takes the first
+        raise RuntimeError(f"llama.cpp's CPU backend {next(iter(_loaded))!r} is loaded in this process already; "
+                           f"{cpu!r} needs a process of its own")
     ggml = ctypes.CDLL(str(next(LIB_DIR.glob("libggml.*so"))), mode=ctypes.RTLD_GLOBAL)
     quiet = os.environ.get("LLAMA_CPP_LOG") != "1"  # its log is many lines per model and context
     if quiet:
@@ -95,6 +101,7 @@ def _library(cpu: str | None) -> ctypes.CDLL:
     if quiet:
         lib.llama_log_set(_quiet, None)
     lib.llama_backend_init()
+    _loaded[cpu] = lib
     return lib
 
 
@@ -108,7 +115,7 @@ class LlamaModel:
         self.lib = _library(cpu)
         self.model = self.lib.llama_model_load_from_file(str(path).encode(), self.lib.llama_model_default_params())
         if not self.model:
-            raise RuntimeError(f"llama.cpp could not load {path} (its log above says why)")
+            raise RuntimeError(f"llama.cpp could not load {path} (LLAMA_CPP_LOG=1 shows its log, which says why)")
         self.vocab = self.lib.llama_model_get_vocab(self.model)
         self.threads = threads
 

@@ -48,6 +48,7 @@ def test_cli_scores_a_checkpoint_and_writes_every_answer(echo_run, tmp_path, cap
     assert main(["--checkpoint", str(echo_run), str(echo_run / "step_000060.pt"), "--data", str(data),
                  "--show", "1", "--out_json", str(out), "--quant", quant]) == 0
     printed = capsys.readouterr().out
+    assert ("echo: int8 weights" in printed) == (quant == "int8")  # what scored the answers
     assert "echo: exact match 1/2 = 50.0%" in printed
     assert f"Q: {ECHO_PROMPT}   (expected: {ECHO_REPLY})" in printed and "right" in printed
     report = json.loads(out.read_text())

@@ -49,10 +49,11 @@ def render(tmp_path_factory):
 
 
 def as_ollama_sends(messages: list[dict]) -> list[dict]:
-    """Messages as Ollama's API holds them: string contents. Messages of only spaces are left out:
-    chat_turns leaves them out, a Go template cannot (it has no trim), so they differ by design."""
+    """Messages as Ollama's API holds them: string contents. Blank system, developer and assistant
+    messages are left out: chat_turns drops them, but Ollama joins a message to a neighbour of its
+    role before the template sees it (and a Go template cannot trim), so there they differ by design."""
     out = [{"role": m["role"], "content": message_text(m.get("content"))} for m in messages]
-    return [m for m in out if m["content"] == "" or m["content"].strip()]
+    return [m for m in out if m["role"] in ("user", "tool") or m["content"].strip()]
 
 
 @pytest.mark.parametrize("messages", TEMPLATE_CHATS, ids=range(len(TEMPLATE_CHATS)))
@@ -82,6 +83,8 @@ def test_the_export_writes_a_modelfile_beside_the_file(trained_tiny, tmp_path, r
     text = modelfile.read_text(encoding="utf-8")
     assert "FROM ./tiny-q8_0.gguf\n" in text  # Ollama resolves it from the Modelfile's folder
     assert f"PARAMETER num_ctx {TINY_CONFIG['block_size']}\n" in text and 'PARAMETER stop "<|endoftext|>"\n' in text
+    # our server's sampling: Ollama's own defaults (top_k 40, top_p 0.9, repeat_penalty 1.1) change greedy answers
+    assert all(f"PARAMETER {p}\n" in text for p in ("temperature 0.7", "top_k 0", "top_p 1", "repeat_penalty 1"))
     assert modelfile_template(text) == OLLAMA_TEMPLATE
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count on from 3:"}]
     assert render(modelfile_template(text), messages) == "### Instruction:\nCount on from 3:\n\n### Context:\nBe brief.\n\n### Response:\n"

@@ -31,6 +31,7 @@ from werkzeug.exceptions import HTTPException
 
 from model.cli import QUANT_TYPES
 from model.engine import DEFAULT_TEMPERATURE, SamplingParams
+from model.int8_linear import KERNEL_ROWS
 from model.prompt import MAX_TOKEN_BYTES, fit_turns, history_budget, prompt_tokens
 from model.text_stream import TextStream
 from model.tokenizer import get_tokenizer
@@ -96,6 +97,9 @@ def create_app(config: ServerConfig | None = None) -> Flask:
         raise ValueError(f"NANOGPT_QUANT={config.quant!r}: expected one of {', '.join(QUANT_TYPES)}")
     if config.quant == "int8" and not (config.device or default_device(gpu_slot)).startswith("cpu"):
         raise ValueError("NANOGPT_QUANT=int8 is for decoding on CPU: unset it on a GPU, or set NANOGPT_DEVICE=cpu")
+    if config.quant == "int8" and config.max_rows > KERNEL_ROWS:
+        # above it a step's products take the dequantizing path: a request's answer would depend on its neighbours
+        raise ValueError(f"NANOGPT_MAX_ROWS={config.max_rows} with NANOGPT_QUANT=int8: at most {KERNEL_ROWS}")
     metrics = ServerMetrics(enabled=config.metrics)
     registry = ModelRegistry(
         config.models_dir, config.max_models, config.max_rows, config.max_waiting, threads, config.device or None,

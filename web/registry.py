@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import checkpoint_kind, latest_checkpoint, load_checkpoint, model_from_checkpoint
+from model import int8_linear
 from model.gpt import GPT
 from web.metrics import ServerMetrics
 from web.scheduler import Overloaded, Scheduler
@@ -119,7 +120,10 @@ class ModelRegistry:
         if not self.models_dir.is_dir():
             return f"models directory {where} (NANOGPT_MODELS_DIR) does not exist: no models to serve"
         found = ", ".join(f"{m.id} ({self.kind(m) or 'unknown stage'})" for m in self.list())
-        weights = "; int8 weights (NANOGPT_QUANT)" if self.quant == "int8" else ""
+        weights = ""
+        if self.quant == "int8":
+            how = "torch's int8 kernel" if int8_linear.kernel_runs() else "no int8 kernel in this torch: dequantized per product"
+            weights = f"; int8 weights (NANOGPT_QUANT), {how}"
         return f"models directory {where} (NANOGPT_MODELS_DIR): {found or 'no run directory with a checkpoint'}{weights}"
 
     def scheduler(self, info: ModelInfo) -> Scheduler:

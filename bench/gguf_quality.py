@@ -7,8 +7,8 @@ against our own model, on held-out questions with known answers.
 For each type (--types): the file's size; the mean loss of every question's expected answer and its
 <|endoftext|> after the prompt our server renders, llama.cpp's against ours; how many of llama.cpp's
 greedy answers equal ours; and its exact match beside ours. The first row is our own engine with
-int8 weights (--quant int8, model/int8_linear.py), measured the same way. llama.cpp is the prebuilt library that
-`make .venv/llama.cpp` unpacks, driven by tests/llama_cpp.py (LLAMA_CPP_LIB_DIR elsewhere).
+int8 weights (--quant int8, model/int8_linear.py), measured the same way. llama.cpp is the prebuilt
+library that `make .venv/llama.cpp` unpacks, driven by tests/llama_cpp.py (LLAMA_CPP_LIB_DIR elsewhere).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ import ctypes
 import functools
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +95,7 @@ def gather_in_huge_pages(weights: list[Int8Weight]) -> bool:
     if platform.system() != "Linux" or not weights:
         return False
     try:
-        if "[never]" in open(THP_SETTING).read():
+        if "[never]" in Path(THP_SETTING).read_text():
             return False
     except OSError:  # no THP in this kernel
         return False

@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:  # a missing file, a bad checkpoint, the Hub out of reach: all say what to do
         print(f"error: {e}", file=sys.stderr)
         return 2
-    device = pick_device(args.device)
+    # int8 weights are for the CPU: "auto" takes it even where a GPU is
+    device = "cpu" if args.quant == "int8" and args.device == "auto" else pick_device(args.device)
     try:
         model.to(device).eval().requires_grad_(False)
     except (RuntimeError, AssertionError) as e:  # torch asserts when it was built without CUDA

@@ -72,17 +72,11 @@ def read_bandwidth(device: torch.device) -> float:
 
 
 def matrix_bytes(model: GPT) -> int:
-    """Bytes of weights one decode step reads: every Linear's (int8 or float) and the biases and norms;
-    the token table only as the tied projection, the position table not at all (lookups)."""
-    total = 0
-    for name, p in model.named_parameters():
-        if name not in ("transformer.wte.weight", "transformer.wpe.weight"):
-            total += p.numel() * p.element_size()
-    for m in model.modules():
-        if isinstance(m, Linear):
-            total += m.int8.nbytes() if m.int8 is not None else 0
-    lm_head = model.lm_head
-    return total + (0 if lm_head.int8 is not None else lm_head.weight.numel() * lm_head.weight.element_size())
+    """Bytes of weights one decode step reads: every Linear's matrix (int8 or float; the tied token table
+    once, as the vocabulary projection) and every bias and norm. The position table is a lookup."""
+    matrices = sum(m.int8.nbytes() if m.int8 is not None else m.weight.numel() * m.weight.element_size()
+                   for m in model.modules() if isinstance(m, Linear))
+    return matrices + sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 1)
 
 
 def ours(model: GPT, prompt: list[int], n: int) -> list[int]:

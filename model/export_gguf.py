@@ -75,7 +75,8 @@ def gguf_name(name: str) -> str | None:
 
 def gguf_tensors(model: GPT, file_type: str) -> list[tuple[str, np.ndarray, gguf.GGMLQuantizationType]]:
     """(name, data, type) of every tensor the file holds, in the model's order: matrices in the chosen
-    type (q8_0 data already quantized to its bytes), vectors in f32, the vocabulary cut to 50257 rows."""
+    type (q8_0 and q4_0 data already quantized to their bytes), vectors in f32, the vocabulary cut to
+    50257 rows."""
     if model.config.vocab_size < VOCAB_SIZE:
         raise ValueError(f"the model has {model.config.vocab_size} token rows; GPT-2's tokenizer needs {VOCAB_SIZE}")
     qtype = TYPES[file_type][1]
@@ -95,7 +96,7 @@ def gguf_tensors(model: GPT, file_type: str) -> list[tuple[str, np.ndarray, gguf
 
 
 def write_gguf(model: GPT, path: str | Path, file_type: str = "f32", name: str = "nanogpt") -> None:
-    """Write the model as a GGUF file of `file_type` (f32, f16 or q8_0), atomically."""
+    """Write the model as a GGUF file of `file_type` (one of TYPES), atomically."""
     c = model.config
     tensors = gguf_tensors(model, file_type)
     tokens, merges = gpt2_vocabulary()

@@ -261,8 +261,7 @@ class GPT(nn.Module):
             module.packed = None
             module.weight = None  # lm_head's: wte keeps the shared table for its lookups
         pages = ", in 2 MB pages" if int8_linear.gather_in_huge_pages([m.int8 for m in linears]) else ""
-        kernel = "torch's int8 kernel" if int8_linear.kernel_runs() else "no int8 kernel in this torch: dequantized per product"
-        return f"int8 weights ({kernel}{pages})"
+        return f"int8 weights ({int8_linear.kernel_description()}{pages})"
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count; tied wte/lm_head counted once. non_embedding drops both embedding tables."""

@@ -138,6 +138,11 @@ def kernel_runs() -> bool:
     return torch.allclose(got, expected, rtol=2e-2, atol=2e-2)  # the output is bfloat16
 
 
+def kernel_description() -> str:
+    """How int8 products run here, for logs: on torch's kernel, or dequantized where it does not run."""
+    return "torch's int8 kernel" if kernel_runs() else "no int8 kernel in this torch: dequantized per product"
+
+
 def linear(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) with an int8 weight, for inference (no gradients); x (..., in)."""
     rows = x.reshape(-1, x.size(-1))

@@ -120,10 +120,7 @@ class ModelRegistry:
         if not self.models_dir.is_dir():
             return f"models directory {where} (NANOGPT_MODELS_DIR) does not exist: no models to serve"
         found = ", ".join(f"{m.id} ({self.kind(m) or 'unknown stage'})" for m in self.list())
-        weights = ""
-        if self.quant == "int8":
-            how = "torch's int8 kernel" if int8_linear.kernel_runs() else "no int8 kernel in this torch: dequantized per product"
-            weights = f"; int8 weights (NANOGPT_QUANT), {how}"
+        weights = f"; int8 weights (NANOGPT_QUANT), {int8_linear.kernel_description()}" if self.quant == "int8" else ""
         return f"models directory {where} (NANOGPT_MODELS_DIR): {found or 'no run directory with a checkpoint'}{weights}"
 
     def scheduler(self, info: ModelInfo) -> Scheduler:
